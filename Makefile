@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` runs the whole recipe at toy scale,
+# `make test` runs the test suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; GPU users install their own torch first and run `pip install -e .[test]`.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m train.recipe --workdir runs/demo --overwrite
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Optional faster paths (e.g. chunked cross-entropy), each with a pure-PyTorch reference."""

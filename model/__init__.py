@@ -1,0 +1,1 @@
+"""The LLaMA model, its checkpoint formats and converters, and generation."""

@@ -1,0 +1,398 @@
+"""The LLaMA transformer (LLaMA-1 and Llama-2), written out in full.
+
+Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`, ...), so a Meta
+checkpoint loads with no renaming, and q/k use Meta's rotary layout: each head rotates the
+adjacent pairs (2i, 2i+1). Hugging Face checkpoints store q/k permuted for a "rotate half"
+layout; `model/formats/hf.py` converts between the two.
+
+The file holds only the model: no training, no parallelism, no device placement. Build it
+on the meta device and call `init_weights()` (or assign loaded tensors) to materialise it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Keys of Meta's params.json that describe how Meta's own code ran the model, not the model.
+_RUNTIME_KEYS = frozenset({"max_batch_size"})
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Model hyper-parameters; the field names are the keys of Meta's `params.json`."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads == n_heads)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.vocab_size <= 0:
+            problems.append("dim, n_layers, n_heads and vocab_size must be positive")
+        elif self.dim % self.n_heads:
+            problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        elif self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads > 0 and self.n_kv_heads is not None and (
+            self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads
+        ):
+            problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.multiple_of <= 0:
+            problems.append(f"multiple_of must be positive, got {self.multiple_of}")
+        if problems:
+            raise ValueError("invalid model arguments: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads, resolved (`n_kv_heads` or `n_heads`)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The SwiGLU hidden size, computed exactly as Meta's `FeedForward` does."""
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], vocab_size: int | None = None) -> ModelArgs:
+        """Build from a params.json dictionary, refusing keys this model does not know.
+
+        Args:
+            params: the parsed params.json.
+            vocab_size: used when params.json says -1 (Meta's LLaMA-1 files do; the real
+                size is the embedding's row count).
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known - _RUNTIME_KEYS)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; known keys are {sorted(known)}")
+        kwargs = {k: v for k, v in params.items() if k in known}
+        if kwargs.get("vocab_size", -1) in (-1, None):
+            if vocab_size is None:
+                raise ValueError("vocab_size is -1 and no embedding was given to resolve it")
+            kwargs["vocab_size"] = vocab_size
+        return cls(**kwargs)
+
+    def to_params(self) -> dict[str, Any]:
+        """The params.json dictionary (always with the real vocab size)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> ModelArgs:
+        return dataclasses.replace(self, **changes)
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU hidden size: 2/3 of 4·dim, optionally scaled, rounded up to `multiple_of`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def ffn_params_for(dim: int, hidden_dim: int) -> tuple[int, float | None]:
+    """Find (`multiple_of`, `ffn_dim_multiplier`) that give `hidden_dim` for `dim`.
+
+    Hugging Face configs and llama2.c headers state the hidden size outright; params.json
+    only has the two knobs of Meta's formula. Prefer the plain round-up (what LLaMA-1 and
+    Llama-2 7B/13B use); otherwise scale by exactly hidden/base and round to the size itself.
+    """
+    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if ffn_hidden_dim(dim, multiple_of, None) == hidden_dim:
+            return multiple_of, None
+    if hidden_dim >= int(8 * dim / 3):
+        return hidden_dim, None
+    multiplier = hidden_dim / int(8 * dim / 3)
+    assert ffn_hidden_dim(dim, hidden_dim, multiplier) == hidden_dim
+    return hidden_dim, multiplier
+
+
+def _sizes() -> dict[str, dict[str, Any]]:
+    llama1 = dict(multiple_of=256, norm_eps=1e-6, vocab_size=32000, max_seq_len=2048)
+    llama2 = dict(multiple_of=256, norm_eps=1e-5, vocab_size=32000, max_seq_len=4096)
+    return {
+        "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, **llama1),
+        "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, **llama1),
+        "llama-33b": dict(dim=6656, n_layers=60, n_heads=52, **llama1),
+        "llama-65b": dict(dim=8192, n_layers=80, n_heads=64, **llama1),
+        "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, **llama2),
+        "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, **llama2),
+        "llama2-70b": dict(
+            dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+            **{**llama2, "multiple_of": 4096},
+        ),
+        # Tiny sizes for tests and the toy recipe: an MHA LLaMA-1 shape and a GQA Llama-2 shape.
+        "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32,
+                     norm_eps=1e-6, max_seq_len=256),
+        "tiny-gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512,
+                         multiple_of=32, ffn_dim_multiplier=1.3, norm_eps=1e-5,
+                         rope_theta=500000.0, max_seq_len=256),
+    }
+
+
+MODEL_SIZES = MappingProxyType(_sizes())
+
+
+def named_args(name: str, **overrides: Any) -> ModelArgs:
+    """`ModelArgs` of a named size (see `MODEL_SIZES`), with optional overrides."""
+    if name not in MODEL_SIZES:
+        raise KeyError(f"unknown model size {name!r}; known sizes: {', '.join(MODEL_SIZES)}")
+    return ModelArgs(**{**MODEL_SIZES[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in float32 as Meta and Hugging Face both do."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_cos_sin(
+    head_dim: int, positions: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (seqlen, head_dim // 2), in float32."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (exponents / head_dim))
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle.
+
+    This is Meta's complex multiplication (x[2i] + i·x[2i+1]) · e^{iθ} written with real
+    numbers, so it also works where complex tensors do not (bf16, some compilers).
+    x: (bs, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, n_heads, head_dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of past positions, for decoding one token at a time.
+
+    Holds (bs, n_kv_heads, max_len, head_dim) buffers per layer; `pos` is the number of
+    positions already written. The model advances `pos` after each forward.
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, args.kv_heads, max_len, args.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (bs, n_kv_heads, seqlen, head_dim) at `pos`; return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
+        self.keys[layer][:, :, self.pos : end] = k
+        self.values[layer][:, :, self.pos : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def attention_mask(
+    n_queries: int, start: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for queries at positions start..start+n_queries-1.
+
+    SDPA's `is_causal=True` aligns the triangle to the top-left corner, which is only
+    right when there are as many keys as queries; with a cache (more keys than queries)
+    query i may see every key up to position start + i, so an explicit mask is needed.
+    """
+    if start == 0:
+        return None, n_queries > 1
+    if n_queries == 1:
+        return None, False  # one new token sees every cached position
+    keys = torch.arange(start + n_queries, device=device)
+    queries = torch.arange(start, start + n_queries, device=device)
+    return keys[None, :] <= queries[:, None], False
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (GQA) and rotary positions."""
+
+    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        bs, seqlen, _ = x.shape
+        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # (bs, n_heads, seqlen, head_dim): the layout SDPA wants
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer_id, k, v)
+        mask, is_causal = attention_mask(seqlen, start, x.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: attention, then feed-forward."""
+
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The LLaMA decoder: embeddings, `n_layers` blocks, final norm, output projection."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fill every parameter (e.g. after `to_empty()` from the meta device).
+
+        Normal(0, std) for embeddings and projections; the two projections that write into
+        the residual stream (wo, w2) are scaled by 1/sqrt(2·n_layers) so the residual's
+        variance does not grow with depth (GPT-2's choice); norms start at one.
+        """
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith((".wo", ".w2"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (bs, seqlen, vocab_size) for tokens (bs, seqlen).
+
+        Args:
+            tokens: token ids.
+            cache: when given, `tokens` continue the cached positions, and the cache is
+                advanced by seqlen.
+            return_hidden: return the final normalised hidden states (bs, seqlen, dim)
+                instead of logits, for a loss that applies `output` in chunks.
+        """
+        start = cache.pos if cache is not None else 0
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(self.args.head_dim, positions, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache)
+        if cache is not None:
+            cache.pos += tokens.shape[1]
+        h = self.norm(h)
+        return h if return_hidden else self.output(h)
+
+
+def build_model(
+    args: ModelArgs, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    init: bool = True,
+) -> Transformer:
+    """Build on the meta device (no memory, no wasted default init), then materialise.
+
+    With `init=False` the parameters stay on the meta device, ready for
+    `load_state_dict(..., assign=True)`.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    if not init:
+        return model
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.to(dtype)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,32 @@
+"""Packaging for zhllama: the Chinese-LLaMA recipe in plain PyTorch.
+
+`pip install -e .` makes the top-level packages `model`, `tokenizer`, `data`, `train` and
+`kernels` importable from anywhere, so scripts such as `torchrun train/pretrain.py cfg.yaml`
+need no path hacks.
+"""
+
+from setuptools import setup
+
+setup(
+    name="zhllama",
+    version="0.1.0",
+    description="Teach LLaMA Chinese: vocabulary, continued pretraining, LoRA, SFT, export.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["model", "tokenizer", "data", "train", "kernels"],
+    install_requires=[
+        # GPU users bring their own torch build; CPU installs pin it (see Makefile).
+        "torch>=2.6",
+        "sentencepiece>=0.2",
+        # sentencepiece's bundled model proto (sentencepiece_model_pb2) needs this protobuf.
+        "protobuf>=7.36.1",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.45"],
+    },
+)

@@ -1,0 +1,38 @@
+"""Loading sentencepiece models with clear errors, and hashing them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import sentencepiece as spm
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_model_file(path: str | Path) -> Path:
+    """A sentencepiece model file: `path` itself, or `path/tokenizer.model` for a directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such sentencepiece model file")
+    return path
+
+
+def load_sp(path: str | Path) -> spm.SentencePieceProcessor:
+    """Load a sentencepiece model (a file, or a directory holding `tokenizer.model`)."""
+    path = resolve_model_file(path)
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+    return sp

@@ -1,0 +1,1 @@
+"""Training: configs, parallelism, the pretraining and instruction-tuning loops."""
