@@ -5,7 +5,7 @@
 need no path hacks.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="zhllama",
@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["model", "tokenizer", "data", "train", "kernels"],
+    packages=find_packages(include=["model*", "tokenizer*", "data*", "train*", "kernels*"]),
     install_requires=[
         # GPU users bring their own torch build; CPU installs pin it (see Makefile).
         "torch>=2.6",

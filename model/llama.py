@@ -141,7 +141,7 @@ def _sizes() -> dict[str, dict[str, Any]]:
         # Tiny sizes for tests and the toy recipe: an MHA LLaMA-1 shape and a GQA Llama-2 shape.
         "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32,
                      norm_eps=1e-6, max_seq_len=256),
-        "tiny-gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512,
+        "tiny-gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512,
                          multiple_of=32, ffn_dim_multiplier=1.3, norm_eps=1e-5,
                          rope_theta=500000.0, max_seq_len=256),
     }

@@ -25,3 +25,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test material not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def random_model(args, seed: int = 0, std: float = 0.1):
+    """A model with weights large enough that a wrong rotary layout or permutation shows.
+
+    (At the usual std of 0.02 attention is nearly uniform and such bugs hide.)
+    Norm weights are randomised too, so a swapped norm is caught.
+    """
+    import torch
+
+    from model.llama import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(args)
+    model.init_weights(std=std)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()

@@ -1,0 +1,114 @@
+"""Convert LLaMA checkpoints between formats, streaming tensor by tensor.
+
+    python -m model.convert SRC DST --to zhllama|hf|meta [--tokenizer PATH] [--dtype D]
+        [--shards N] [--pad_vocab_to_multiple_of M] [--max_shard_size 5GB] [--overwrite]
+
+SRC is detected: a Meta directory (consolidated.NN.pth + params.json), a Hugging Face
+directory (config.json + safetensors or pytorch_model*.bin), a zhllama model directory,
+or a llama2.c .bin file (give its sentencepiece model with --tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .checkpoint import Checkpoint, pad_vocab, with_dtype
+from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
+from .tensor_io import FormatError, parse_dtype
+
+TARGETS = ("zhllama", "hf", "meta")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' → 5·10⁹, '2GiB' → 2·2³⁰, '500MB', '1024' (bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read size {text!r} (try 5GB, 500MB or 2GiB)")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    *,
+    tokenizer: str | Path | None = None,
+    dtype: str | None = None,
+    shards: int = 1,
+    pad_vocab_to_multiple_of: int | None = None,
+    max_shard_bytes: int = 5 << 30,
+    verify_checksum: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Checkpoint:
+    """Read SRC (any format), write DST in format `to`; returns the checkpoint written."""
+    if to not in TARGETS:
+        raise ValueError(f"unknown target format {to!r}; choose from {', '.join(TARGETS)}")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
+    ckpt = read_checkpoint(src, tokenizer=tokenizer, verify_checksum=verify_checksum,
+                           progress=progress)
+    ckpt = pad_vocab(with_dtype(ckpt, parse_dtype(dtype)), pad_vocab_to_multiple_of)
+    if ckpt.tokenizer is None:
+        print(f"warning: no tokenizer.model found for {src}; pass --tokenizer to include one",
+              file=sys.stderr)
+    if to == "meta":
+        write_meta(ckpt, dst, n_shards=shards, overwrite=overwrite, progress=progress)
+    elif shards != 1:
+        raise ValueError("--shards applies to --to meta; use --max_shard_size for safetensors")
+    elif to == "hf":
+        write_hf(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
+    else:
+        write_model_dir(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                        progress=progress)
+    return ckpt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model.convert", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="checkpoint to read (format detected)")
+    p.add_argument("dst", help="directory to write (must not exist unless --overwrite)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="format to write")
+    p.add_argument("--tokenizer", help="sentencepiece model (file or directory) to carry along; "
+                   "overrides one found beside SRC")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="cast floating tensors (default: keep the source's dtypes)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="model-parallel shards for --to meta (default 1)")
+    p.add_argument("--pad_vocab_to_multiple_of", type=int, metavar="M",
+                   help="add zero rows so the vocabulary divides by M (Meta shards must be equal)")
+    p.add_argument("--max_shard_size", default="5GiB",
+                   help="largest safetensors file before splitting, e.g. 2GB (default 5GiB)")
+    p.add_argument("--skip_checksum", action="store_true",
+                   help="do not verify Meta's checklist.chk md5 sums")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    try:
+        ckpt = convert(
+            a.src, a.dst, a.to, tokenizer=a.tokenizer, dtype=a.dtype, shards=a.shards,
+            pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
+            max_shard_bytes=parse_size(a.max_shard_size), verify_checksum=not a.skip_checksum,
+            overwrite=a.overwrite, progress=not a.no_progress,
+        )
+    except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {a.dst} ({a.to}, {ckpt.format} source, {ckpt.nbytes / 1e6:.1f} MB, "
+          f"vocab {ckpt.args.vocab_size})")
+
+
+if __name__ == "__main__":
+    main()

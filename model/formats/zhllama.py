@@ -1,0 +1,124 @@
+"""The canonical model directory, which every converter reads and writes.
+
+    params.json          Meta's keys, with the real vocab size (never -1)
+    model.safetensors    Meta's tensor names and rotary layout (or model-0000k-of-0000n
+                         .safetensors + model.safetensors.index.json past --max_shard_size)
+    tokenizer.model      the sentencepiece model, when known
+    zhllama.json         manifest: format version, dtype, tokenizer sha256, source
+
+Loading is strict: every tensor must be present with the shape params.json implies.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tokenizer.spm_io import sha256_file
+
+from ..checkpoint import Checkpoint, check_specs
+from ..llama import ModelArgs
+from ..tensor_io import (
+    FormatError, Reopening, TensorSpec, atomic_output_dir, write_sharded_safetensors,
+)
+from .meta import read_params
+from .progress import tensor_progress
+
+FORMAT_VERSION = 1
+MANIFEST = "zhllama.json"
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "params.json").exists() and (
+        (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+    )
+
+
+def _weight_files(path: Path) -> dict[str, str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise FormatError(f"{index}: not a weight index ({e})") from None
+    f = path / "model.safetensors"
+    if not f.exists():
+        raise FormatError(f"{path}: model.safetensors is missing")
+    try:
+        with safe_open(f, framework="pt") as st:
+            return {k: f.name for k in st.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def _open_safetensors(f: Path):
+    if not f.exists():
+        raise FormatError(f"{f}: listed in the weight index but missing")
+    try:
+        return safe_open(f, framework="pt")
+    except Exception as e:
+        raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def read_model_dir(path: str | Path) -> Checkpoint:
+    """Open a canonical model directory lazily, checking every shape against params.json."""
+    path = Path(path)
+    params = read_params(path)
+    try:
+        args = ModelArgs.from_params(params)
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{path / 'params.json'}: {e}") from None
+    weight_map = _weight_files(path)
+    files = {f: Reopening(lambda f=f: _open_safetensors(path / f)) for f in set(weight_map.values())}
+    specs = {}
+    for name, fname in weight_map.items():
+        sl = files[fname].get().get_slice(name)
+        dtype = sl.get_dtype()
+        if dtype not in _ST_DTYPES:
+            raise FormatError(f"{path / fname}: tensor {name} has unsupported dtype {dtype}")
+        specs[name] = TensorSpec(tuple(sl.get_shape()), _ST_DTYPES[dtype])
+    specs = check_specs(specs, args, path)
+
+    def get(name: str) -> torch.Tensor:
+        opener = files[weight_map[name]]
+        try:
+            t = opener.get().get_tensor(name)
+        except Exception as e:
+            raise FormatError(f"{path / weight_map[name]}: cannot read {name} ({e})") from None
+        opener.account(t.nbytes)
+        return t
+
+    tokenizer = path / "tokenizer.model"
+    return Checkpoint("zhllama", path, args, specs, get, tokenizer if tokenizer.exists() else None)
+
+
+def write_model_dir(
+    ckpt: Checkpoint,
+    dst: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 << 30,
+    progress: bool = True,
+) -> Path:
+    """Write the canonical directory (atomically: a temporary directory renamed at the end)."""
+    manifest = {
+        "format": "zhllama-model",
+        "format_version": FORMAT_VERSION,
+        "dtype": str(ckpt.main_dtype()).removeprefix("torch."),
+        "num_params": sum(int(torch.Size(s.shape).numel()) for s in ckpt.specs.values()),
+        "tokenizer_sha256": sha256_file(ckpt.tokenizer) if ckpt.tokenizer else None,
+        "source": {"format": ckpt.format, "name": ckpt.path.name if ckpt.path else None},
+    }
+    with atomic_output_dir(dst, overwrite) as out, tensor_progress(ckpt.specs, "model", progress) as tick:
+        write_sharded_safetensors(out, "model", ckpt.specs, ckpt.get, max_shard_bytes,
+                                  metadata={"format": "pt"}, on_tensor=tick)
+        (out / "params.json").write_text(json.dumps(ckpt.args.to_params(), indent=2) + "\n")
+        if ckpt.tokenizer is not None:
+            shutil.copyfile(ckpt.tokenizer, out / "tokenizer.model")
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(dst)

@@ -1,0 +1,197 @@
+"""Generate text with a KV cache: greedy or sampled, streamed to stdout.
+
+    python -m model.generate MODEL --prompt TEXT [--max_new_tokens N] [--temperature T]
+        [--top_k K] [--top_p P] [--repetition_penalty R] [--seed S] [--interactive]
+
+MODEL is a model directory or anything `model.convert` reads. Temperature 0 is greedy.
+An empty prompt starts from BOS alone. Generation stops at EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenizer.spm_io import load_sp
+
+from .checkpoint import load_model
+from .formats import read_checkpoint
+from .llama import KVCache, Transformer
+from .tensor_io import FormatError, parse_dtype
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen from the logits."""
+
+    temperature: float = 0.8  # 0: greedy
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set whose probability reaches p
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the context
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make already-seen tokens less likely (CTRL's rule: divide positive logits, multiply negative)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set the logits of tokens outside the top-k / nucleus to -inf (logits: (vocab,))."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token if the tokens before it already reach top_p (the first always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(
+    logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+) -> int:
+    """Choose one token id from the last position's logits (vocab,)."""
+    logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return int(logits.argmax())
+    logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    cfg: SamplingConfig = SamplingConfig(),
+    *,
+    stop_ids: tuple[int, ...] = (),
+    allowed_vocab: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time; the prompt is run once, then one token per step.
+
+    Args:
+        allowed_vocab: ids at or above it are never produced (rows added to pad the
+            embedding have no piece in the tokenizer).
+    """
+    if not prompt:
+        raise ValueError("the prompt needs at least one token (BOS)")
+    device = model.tok_embeddings.weight.device
+    max_len = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
+    if len(prompt) >= max_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; max_seq_len is {model.args.max_seq_len}")
+    cache = KVCache(model.args, 1, max_len, device=device, dtype=model.tok_embeddings.weight.dtype)
+    tokens = torch.tensor([prompt], device=device)
+    context = list(prompt)
+    for _ in range(max_len - len(prompt)):
+        logits = model(tokens, cache=cache)[0, -1]
+        if allowed_vocab is not None and allowed_vocab < logits.shape[-1]:
+            logits[allowed_vocab:] = float("-inf")
+        token = next_token(logits, torch.tensor(context, device=device), cfg, generator)
+        if token in stop_ids:
+            return
+        yield token
+        context.append(token)
+        tokens = torch.tensor([[token]], device=device)
+
+
+def stream_text(sp, ids: Iterator[int]) -> Iterator[str]:
+    """Turn ids into text pieces as they arrive.
+
+    Decoding the whole sequence each time and emitting what is new keeps spaces right
+    (sentencepiece's ▁) and waits for multi-byte characters split over byte tokens.
+    """
+    generated: list[int] = []
+    shown = ""
+    for token in ids:
+        generated.append(token)
+        text = sp.decode(generated)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
+            continue
+        yield text[len(shown):]
+        shown = text
+
+
+def _pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model directory, or any checkpoint model.convert reads")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top_k", type=int)
+    p.add_argument("--top_p", type=float)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    p.add_argument("--tokenizer", help="sentencepiece model, if not beside the checkpoint")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    return p
+
+
+def _respond(model, sp, prompt: str, a: argparse.Namespace, cfg: SamplingConfig) -> None:
+    ids = [sp.bos_id()] + sp.encode(prompt)
+    generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(a.seed)
+    stream = generate_ids(model, ids, a.max_new_tokens, cfg, stop_ids=(sp.eos_id(),),
+                          allowed_vocab=sp.vocab_size(), generator=generator)
+    sys.stdout.write(prompt)
+    for piece in stream_text(sp, stream):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    try:
+        cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
+        ckpt = read_checkpoint(a.model, tokenizer=a.tokenizer, progress=False)
+        if ckpt.tokenizer is None:
+            raise FormatError(f"{a.model}: no tokenizer.model found; pass --tokenizer")
+        sp = load_sp(ckpt.tokenizer)
+        device = _pick_device(a.device)
+        dtype = parse_dtype(a.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = load_model(ckpt, device=device, dtype=dtype).eval()
+        if not a.interactive:
+            _respond(model, sp, a.prompt, a, cfg)
+            return
+        print("Enter a prompt (Ctrl-D to quit).", file=sys.stderr)
+        for line in sys.stdin:
+            _respond(model, sp, line.rstrip("\n"), a, cfg)
+    except (FormatError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

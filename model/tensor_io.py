@@ -1,0 +1,251 @@
+"""Streaming tensor files: write safetensors tensor by tensor, read with bounded memory,
+and create output directories atomically.
+
+Converting a 13B checkpoint must not hold two copies of it in memory. Readers here map
+files lazily and are reopened every few hundred MB, so pages already read are released
+(a mapped page stays in the process's resident set until its mapping goes away); the
+writer takes tensors one at a time and writes each straight to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# safetensors' dtype names (the format's spec) for the dtypes a LLaMA checkpoint holds.
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+DTYPES_BY_NAME = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class FormatError(ValueError):
+    """A checkpoint or model directory that cannot be read as what it claims to be."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor that will be written (known before its data is)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """'float16' / 'fp16' / 'f16' → torch.float16, etc.; None stays None."""
+    if name is None:
+        return None
+    if name not in DTYPES_BY_NAME:
+        raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
+    return DTYPES_BY_NAME[name]
+
+
+def _header(specs: dict[str, TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, spec in specs.items():
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # Pad with spaces so the data starts 8-byte aligned, as safetensors' own writer does.
+    return raw + b" " * (-len(raw) % 8)
+
+
+def write_safetensors(
+    path: str | Path,
+    specs: dict[str, TensorSpec],
+    get_tensor: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> None:
+    """Write a safetensors file, fetching and writing one tensor at a time.
+
+    The header (names, dtypes, shapes, offsets) goes first, computed from `specs`; then each
+    tensor's bytes in the order of `specs`. Only one tensor is in memory at a time, unlike
+    `safetensors.torch.save_file`, which needs the whole dictionary.
+    """
+    header = _header(specs, metadata)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for name, spec in specs.items():
+            tensor = get_tensor(name)
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise FormatError(
+                    f"tensor {name}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                    f"expected {spec.shape} {spec.dtype}"
+                )
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            f.write(memoryview(data.numpy()))
+            if on_tensor is not None:
+                on_tensor(name)
+
+
+def plan_shards(specs: dict[str, TensorSpec], max_shard_bytes: int) -> list[dict[str, TensorSpec]]:
+    """Split tensors, in order, into consecutive groups of at most `max_shard_bytes`."""
+    shards: list[dict[str, TensorSpec]] = [{}]
+    size = 0
+    for name, spec in specs.items():
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = spec
+        size += spec.nbytes
+    return shards
+
+
+def write_sharded_safetensors(
+    out_dir: Path,
+    prefix: str,
+    specs: dict[str, TensorSpec],
+    get_tensor: Callable[[str], torch.Tensor],
+    max_shard_bytes: int,
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Write `prefix.safetensors`, or `prefix-0000k-of-0000n.safetensors` plus
+    `prefix.safetensors.index.json` (Hugging Face's layout) when one file would be too big.
+
+    Returns the file names written.
+    """
+    shards = plan_shards(specs, max_shard_bytes)
+    if len(shards) == 1:
+        names = [f"{prefix}.safetensors"]
+    else:
+        names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(out_dir / name, shard, get_tensor, metadata, on_tensor)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs.values())},
+            "weight_map": {t: name for name, shard in zip(names, shards) for t in shard},
+        }
+        (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+class Reopening:
+    """Calls `open_fn()` lazily and opens it again after `release_bytes` have been read.
+
+    Used for memory-mapped checkpoints: dropping the mapping is the only way to release
+    the pages already read from the resident set.
+    """
+
+    def __init__(self, open_fn: Callable[[], Any], release_bytes: int = 256 << 20) -> None:
+        self._open_fn = open_fn
+        self._release_bytes = release_bytes
+        self._handle: Any = None
+        self._read = 0
+
+    def get(self) -> Any:
+        if self._handle is None:
+            self._handle = self._open_fn()
+        return self._handle
+
+    def account(self, nbytes: int) -> None:
+        """Record bytes read; past the threshold, drop the handle (and its mapping)."""
+        self._read += nbytes
+        if self._read >= self._release_bytes:
+            self._handle = None
+            self._read = 0
+
+
+def safe_torch_load(path: Path, mmap: bool = True) -> Any:
+    """`torch.load` that never runs code from the file, with one clear error if it fails.
+
+    `weights_only=True` refuses any pickle that would import or call something other than
+    tensors and plain containers; `mmap=True` maps instead of reading the whole file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):
+            # Files from torch < 1.6 (not a zip archive) cannot be mapped; read them whole.
+            return safe_torch_load(path, mmap=False)
+        raise FormatError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # the unpickler raises many types for hostile or broken files
+        raise FormatError(f"{path}: refused or unreadable ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `dst` only if the block succeeds.
+
+    The temporary directory sits beside `dst` (same filesystem, so the final rename is
+    atomic) and is removed on any error: no partial output is ever left at `dst`.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            _remove(old)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_output_file(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Like `atomic_output_dir`, for a single file."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def total_bytes(specs: Iterable[TensorSpec]) -> int:
+    return sum(s.nbytes for s in specs)

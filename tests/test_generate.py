@@ -1,0 +1,73 @@
+"""Sampling rules against transformers' logits processors, and the generation loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.generate import (
+    SamplingConfig, apply_repetition_penalty, filter_top_k_top_p, generate_ids, stream_text,
+)
+from model.llama import named_args
+from tests.conftest import random_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_top_k_and_top_p_match_transformers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(200) * 3
+        ours = filter_top_k_top_p(logits, 17, None)
+        theirs = TopKLogitsWarper(17)(None, logits[None].clone())[0]
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        ours = filter_top_k_top_p(logits, None, 0.8)
+        theirs = TopPLogitsWarper(0.8)(None, logits[None].clone())[0]
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(50)
+    seen = torch.tensor([3, 7, 7, 20])
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits[None].clone())[0]
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), theirs)
+
+
+def test_sampling_is_seeded_and_stops_at_eos():
+    model = random_model(named_args("tiny"), std=0.3)
+    cfg = SamplingConfig(temperature=1.0, top_k=50)
+
+    def run(seed: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        return list(generate_ids(model, [1], 30, cfg, generator=g))
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+    greedy = list(generate_ids(model, [1, 5, 9], 30, SamplingConfig(temperature=0)))
+    stop = greedy[3]
+    stopped = list(generate_ids(model, [1, 5, 9], 30, SamplingConfig(temperature=0), stop_ids=(stop,)))
+    assert stopped == greedy[: greedy.index(stop)]
+
+
+def test_generation_never_exceeds_max_seq_len_or_padded_vocab():
+    model = random_model(named_args("tiny", max_seq_len=20), std=0.3)
+    ids = list(generate_ids(model, [1, 2, 3], 100, SamplingConfig(temperature=1.0),
+                            allowed_vocab=100, generator=torch.Generator().manual_seed(0)))
+    assert len(ids) == 17 and max(ids) < 100
+    with pytest.raises(ValueError, match="at least one token"):
+        list(generate_ids(model, [], 5))
+
+
+def test_stream_text_waits_for_whole_characters(shared_data):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(shared_data / "tokenizers" / "llama_tokenizer.model"))
+    text = "Hello 世界 🦙 and 㐀 rare"
+    ids = sp.encode(text)
+    pieces = list(stream_text(sp, iter(ids)))
+    assert "".join(pieces) == sp.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
