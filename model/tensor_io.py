@@ -2,7 +2,7 @@
 and create output directories atomically.
 
 Converting a 13B checkpoint must not hold two copies of it in memory. Readers here map
-files lazily and are reopened every few hundred MB, so pages already read are released
+files lazily and are reopened every 64 MB or so, so pages already read are released
 (a mapped page stays in the process's resident set until its mapping goes away); the
 writer takes tensors one at a time and writes each straight to disk.
 """
@@ -157,7 +157,7 @@ class Reopening:
     the pages already read from the resident set.
     """
 
-    def __init__(self, open_fn: Callable[[], Any], release_bytes: int = 256 << 20) -> None:
+    def __init__(self, open_fn: Callable[[], Any], release_bytes: int = 64 << 20) -> None:
         self._open_fn = open_fn
         self._release_bytes = release_bytes
         self._handle: Any = None

@@ -1,0 +1,115 @@
+"""Forward+backward step time and peak memory: our LLaMA vs transformers' LlamaForCausalLM.
+
+Same config, same weights, same batch, same loss; each model runs in its own process so
+their memory does not mix. Prints both and their ratios.
+
+    python bench/bench_model.py [--dim 512 --n_layers 8 --batch 4 --seq 512 --steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import peak_rss_bytes, reset_peak, rss_bytes  # noqa: E402
+
+
+def _build(which: str, hf_dir: Path):
+    from model.checkpoint import load_model
+    from model.formats import read_checkpoint
+
+    if which == "ours":
+        return load_model(read_checkpoint(hf_dir, progress=False))
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                         attn_implementation="sdpa")
+
+
+def worker(which: str, hf_dir: Path, batch: int, seq: int, steps: int, vocab: int) -> dict:
+    torch.manual_seed(0)
+    model = _build(which, hf_dir).train()
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        out = model(inputs)
+        logits = out if which == "ours" else out.logits
+        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up: first-call allocations
+    base = rss_bytes()
+    reset_peak()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"step_s": statistics.median(times), "peak_extra_bytes": peak_rss_bytes() - base}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--n_layers", type=int, default=8)
+    p.add_argument("--n_heads", type=int, default=8)
+    p.add_argument("--n_kv_heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each, best kept")
+    p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--hf_dir", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, Path(a.hf_dir), a.batch, a.seq, a.steps, a.vocab)))
+        return
+
+    from model.checkpoint import from_state_dict
+    from model.formats import write_hf
+    from model.llama import ModelArgs, build_model
+
+    args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                     vocab_size=a.vocab, max_seq_len=max(a.seq, 2048))
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(args)
+        write_hf(from_state_dict(model.state_dict(), args), Path(tmp) / "hf", progress=False)
+        del model
+        runs: dict[str, list[dict]] = {"ours": [], "hf": []}
+        # Alternate the two (ours, hf, ours, hf, ...) and keep each one's best run, so a
+        # slow moment of a noisy machine does not decide the ratio.
+        for _ in range(a.repeats):
+            for which in runs:
+                cmd = [sys.executable, __file__, "--worker", which, "--hf_dir",
+                       str(Path(tmp) / "hf"), "--batch", str(a.batch), "--seq", str(a.seq),
+                       "--steps", str(a.steps), "--vocab", str(a.vocab)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs[which].append(json.loads(out.strip().splitlines()[-1]))
+    ours, hf = ({"step_s": min(r["step_s"] for r in rs),
+                 "peak_extra_bytes": min(r["peak_extra_bytes"] for r in rs)}
+                for rs in runs.values())
+    print(f"config: dim {a.dim}, {a.n_layers} layers, {a.n_heads}/{a.n_kv_heads} heads, vocab "
+          f"{a.vocab}, batch {a.batch} x {a.seq}, fp32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"{'':12s}{'step (s)':>10s}{'peak extra memory (MB)':>26s}")
+    for name, r in (("zhllama", ours), ("transformers", hf)):
+        print(f"{name:12s}{r['step_s']:10.3f}{r['peak_extra_bytes'] / 1e6:26.0f}")
+    print(f"ratio zhllama/transformers: time {ours['step_s'] / hf['step_s']:.2f}x, "
+          f"memory {ours['peak_extra_bytes'] / hf['peak_extra_bytes']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
