@@ -28,6 +28,8 @@ import json, sys
 sys.path.insert(0, {bench!r})
 from memory import peak_rss_bytes, reset_peak, rss_bytes
 from model.convert import convert
+from model.tensor_io import return_freed_memory_promptly
+return_freed_memory_promptly()  # as the command line does
 base = rss_bytes(); reset_peak()
 convert({src!r}, {dst!r}, {to!r}, shards={shards}, progress=False, verify_checksum=False)
 print(json.dumps({{"base": base, "peak": peak_rss_bytes()}}))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, pad_vocab, with_dtype
 from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
-from .tensor_io import FormatError, parse_dtype
+from .tensor_io import FormatError, parse_dtype, return_freed_memory_promptly
 
 TARGETS = ("zhllama", "hf", "meta")
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
+    return_freed_memory_promptly()
     try:
         ckpt = convert(
             a.src, a.dst, a.to, tokenizer=a.tokenizer, dtype=a.dtype, shards=a.shards,

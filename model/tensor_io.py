@@ -10,6 +10,8 @@ writer takes tensors one at a time and writes each straight to disk.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -163,7 +165,11 @@ class Reopening:
         self._handle: Any = None
         self._read = 0
 
-    def get(self) -> Any:
+    def get(self, upcoming_bytes: int = 0) -> Any:
+        """The open handle; reopened first if reading `upcoming_bytes` would pass the limit."""
+        if self._handle is not None and self._read and self._read + upcoming_bytes > self._release_bytes:
+            self._handle = None
+            self._read = 0
         if self._handle is None:
             self._handle = self._open_fn()
         return self._handle
@@ -249,3 +255,22 @@ def _remove(path: Path) -> None:
 
 def total_bytes(specs: Iterable[TensorSpec]) -> int:
     return sum(s.nbytes for s in specs)
+
+
+def return_freed_memory_promptly() -> None:
+    """Ask glibc to give large freed blocks back to the system at once (process-wide).
+
+    glibc raises its mmap threshold after each large free (up to 32 MB), after which
+    tensors of a few MB come from the heap and stay cached there once freed, so the
+    resident set of a conversion wanders by hundreds of MB from run to run. A fixed 1 MB
+    threshold makes every tensor its own mapping, returned on free. Called by command-line
+    entry points only; does nothing where glibc's mallopt is absent.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 20)
+    except (OSError, AttributeError, TypeError):
+        pass

@@ -171,7 +171,7 @@ class _HFFiles:
 
     def get(self, hf_name: str) -> torch.Tensor:
         opener = self._files[self.weight_map[hf_name]]
-        handle = opener.get()
+        handle = opener.get(self.spec(hf_name).nbytes)
         try:
             t = handle[hf_name].clone() if isinstance(handle, dict) else handle.get_tensor(hf_name)
         except Exception as e:

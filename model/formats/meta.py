@@ -142,8 +142,9 @@ def read_meta(
     del shards
 
     def get(name: str) -> torch.Tensor:
-        parts = [o.get()[name] for o in opened]
         dim = split_dim(name)
+        part_bytes = specs[name].nbytes // (1 if dim is None else len(opened))
+        parts = [o.get(part_bytes)[name] for o in opened]
         t = parts[0].clone() if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
         for o, p in zip(opened, parts):
             o.account(p.nbytes)
@@ -207,7 +208,7 @@ def _write_shards(ckpt: Checkpoint, out: Path, n_shards: int, tick) -> None:
             full, dim = ckpt.get(name), split_dim(name)
             pieces = [full] * n_shards if dim is None else full.chunk(n_shards, dim=dim)
             for o, piece in zip(opened, pieces):
-                o.get()[name].copy_(piece)
+                o.get(piece.nbytes)[name].copy_(piece)
                 o.account(piece.nbytes)
             tick(name)
 

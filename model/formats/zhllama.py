@@ -87,7 +87,7 @@ def read_model_dir(path: str | Path) -> Checkpoint:
     def get(name: str) -> torch.Tensor:
         opener = files[weight_map[name]]
         try:
-            t = opener.get().get_tensor(name)
+            t = opener.get(specs[name].nbytes).get_tensor(name)
         except Exception as e:
             raise FormatError(f"{path / weight_map[name]}: cannot read {name} ({e})") from None
         opener.account(t.nbytes)
