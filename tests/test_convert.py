@@ -69,9 +69,13 @@ def gqa_state():
     return model.args, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("n_shards", [2, 4])
-def test_meta_round_trip_through_every_format(n_shards, gqa_state, tmp_path):
-    args, state = gqa_state
+@pytest.mark.parametrize("n_shards, size", [(1, "tiny"), (2, "tiny-gqa"), (4, "tiny-gqa"),
+                                            (8, "tiny-gqa-8")])
+def test_meta_round_trip_through_every_format(n_shards, size, tmp_path):
+    # 8 shards need 8 kv heads (as Llama-2 70B has); 4 shards split 4 kv heads one per rank
+    args = named_args("tiny-gqa", n_heads=16, n_kv_heads=8) if size == "tiny-gqa-8" else named_args(size)
+    model = random_model(args)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     params = {**args.to_params(), "vocab_size": -1}  # LLaMA-1's params.json says -1
     write_meta_by_hand(state, params, n_shards, tmp_path / "meta")
 

@@ -71,3 +71,23 @@ def test_stream_text_waits_for_whole_characters(shared_data):
     pieces = list(stream_text(sp, iter(ids)))
     assert "".join(pieces) == sp.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_interactive_and_help(shared_data, tmp_path):
+    import subprocess
+    import sys
+
+    from model.convert import convert
+
+    src = shared_data / "models" / "stories260K"
+    convert(src / "stories260K.bin", tmp_path / "m", "zhllama", tokenizer=src / "tok512.model",
+            progress=False)
+    r = subprocess.run([sys.executable, "-m", "model.generate", str(tmp_path / "m"), "--interactive",
+                        "--temperature", "0", "--max_new_tokens", "20"],
+                       input="Once upon a time\nThe dog\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Once upon a time") and lines[1].startswith("The dog")
+    for module in ("model.generate", "model.resize", "model.convert", "train.recipe"):
+        h = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert h.returncode == 0 and "usage:" in h.stdout, module
