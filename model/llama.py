@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
 # Keys of Meta's params.json that describe how Meta's own code ran the model, not the model.
 _RUNTIME_KEYS = frozenset({"max_batch_size"})
 
@@ -177,10 +179,10 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     head_dim: int, positions: torch.Tensor, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (seqlen, head_dim // 2), in float32."""
+    """cos and sin of the rotary angles, each (*positions.shape, head_dim // 2), in float32."""
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = 1.0 / (theta ** (exponents / head_dim))
-    angles = torch.outer(positions.to(torch.float32), inv_freq)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -189,11 +191,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     This is Meta's complex multiplication (x[2i] + i·x[2i+1]) · e^{iθ} written with real
     numbers, so it also works where complex tensors do not (bf16, some compilers).
-    x: (bs, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    x: (bs, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2), or
+    (bs, seqlen, head_dim // 2) when positions differ per sequence (packed samples).
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, n_heads, head_dim // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    # (seqlen, hd/2) → (1, seqlen, 1, hd/2); per-sequence (bs, seqlen, hd/2) → (bs, seqlen, 1, hd/2)
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (
+        cos[:, :, None, :], sin[:, :, None, :])
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -232,6 +237,23 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions restarting at 0 in each segment, and a causal mask kept inside segments.
+
+    For several samples packed into one row: segment_ids (bs, seqlen), equal ids marking one
+    sample (contiguous). Returns positions (bs, seqlen) and a mask (bs, 1, seqlen, seqlen)
+    where True means "may attend".
+    """
+    bs, seqlen = segment_ids.shape
+    idx = torch.arange(seqlen, device=segment_ids.device).expand(bs, seqlen)
+    starts_here = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts_here[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start = torch.where(starts_here, idx, 0).cummax(dim=1).values
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segment_ids.device).tril()
+    return idx - start, (same & causal)[:, None]
+
+
 def attention_mask(
     n_queries: int, start: int, device: torch.device
 ) -> tuple[torch.Tensor | None, bool]:
@@ -265,24 +287,23 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: tuple[torch.Tensor | None, bool],
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """x: (bs, seqlen, dim); rope: (cos, sin); mask: (attn_mask, is_causal) for SDPA."""
         bs, seqlen, _ = x.shape
         q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # (bs, n_heads, seqlen, head_dim): the layout SDPA wants
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        start = 0
         if cache is not None:
-            start = cache.pos
             k, v = cache.update(self.layer_id, k, v)
-        mask, is_causal = attention_mask(seqlen, start, x.device)
+        attn_mask, is_causal = mask
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
@@ -314,11 +335,11 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: tuple[torch.Tensor | None, bool],
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -354,6 +375,10 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_chunk_size: int | None = None,
     ) -> torch.Tensor:
         """Logits (bs, seqlen, vocab_size) for tokens (bs, seqlen).
 
@@ -362,18 +387,42 @@ class Transformer(nn.Module):
             cache: when given, `tokens` continue the cached positions, and the cache is
                 advanced by seqlen.
             return_hidden: return the final normalised hidden states (bs, seqlen, dim)
-                instead of logits, for a loss that applies `output` in chunks.
+                instead of logits.
+            segment_ids: (bs, seqlen) ids of samples packed into one row: attention stays
+                inside each sample and positions restart at its start.
+            labels: (bs, seqlen) target ids (-100: no loss). When given, the result is the
+                float32 *sum* of the token losses, so callers can divide by the number of
+                target tokens across micro-batches and ranks.
+            loss_chunk_size: compute that loss in chunks of this many tokens, never holding
+                all logits (`kernels.cross_entropy`); None computes the logits whole.
         """
+        seqlen = tokens.shape[1]
         start = cache.pos if cache is not None else 0
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        cos, sin = rope_cos_sin(self.args.head_dim, positions, self.args.rope_theta)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed samples) cannot be used with a KV cache")
+            positions, attn_mask = segment_positions_and_mask(segment_ids)
+            mask: tuple[torch.Tensor | None, bool] = (attn_mask, False)
+        else:
+            positions = torch.arange(start, start + seqlen, device=tokens.device)
+            mask = attention_mask(seqlen, start, tokens.device)
+        rope = rope_cos_sin(self.args.head_dim, positions, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache)
+            h = layer(h, rope, mask, cache)
         if cache is not None:
-            cache.pos += tokens.shape[1]
+            cache.pos += seqlen
         h = self.norm(h)
+        if labels is not None:
+            return self._loss(h, labels, loss_chunk_size)
         return h if return_hidden else self.output(h)
+
+    def _loss(self, h: torch.Tensor, labels: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        # Computed inside forward so that a sharded (FSDP) output weight is still gathered.
+        h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        if chunk_size:
+            return linear_cross_entropy(h, self.output.weight, labels, chunk_size)
+        return linear_cross_entropy_reference(h, self.output.weight, labels)
 
 
 def build_model(

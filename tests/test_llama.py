@@ -125,3 +125,30 @@ def test_params_json_round_trip_and_errors():
         ModelArgs.from_params({**meta_style, "use_scaled_rope": True}, vocab_size=32000)
     with pytest.raises(ValueError, match="not a multiple of n_kv_heads"):
         ModelArgs(dim=64, n_heads=8, n_kv_heads=3)
+
+
+def test_packed_segments_equal_separate_samples():
+    model = random_model(named_args("tiny-gqa"))
+    a, b = torch.randint(0, 512, (1, 11)), torch.randint(0, 512, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 11 + [1] * 7])
+    with torch.no_grad():
+        together = model(packed, segment_ids=segments)
+        assert (together[:, :11] - model(a)).abs().max() <= 1e-5
+        assert (together[:, 11:] - model(b)).abs().max() <= 1e-5
+
+
+def test_labels_give_summed_token_loss_plain_and_chunked():
+    model = random_model(named_args("tiny"))
+    tokens = torch.randint(0, 512, (2, 16))
+    labels = torch.randint(0, 512, (2, 16))
+    labels[:, :5] = -100
+    logits = model(tokens)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                 ignore_index=-100, reduction="sum")
+    plain = model(tokens, labels=labels)
+    chunked = model(tokens, labels=labels, loss_chunk_size=5)
+    assert torch.allclose(plain, expected, rtol=1e-6) and torch.allclose(chunked, expected, rtol=1e-5)
+    g_plain = torch.autograd.grad(plain, model.layers[0].attention.wq.weight)[0]
+    g_chunk = torch.autograd.grad(chunked, model.layers[0].attention.wq.weight)[0]
+    assert torch.allclose(g_plain, g_chunk, atol=1e-5)
