@@ -1,0 +1,262 @@
+"""LoRA: low-rank adapters on the model's linear layers, written out in full.
+
+A `LoRALinear` is an `nn.Linear` (its frozen `weight` keeps its key, so base checkpoints
+load into it unchanged) plus two small matrices: y = x Wᵀ + (α/r) · dropout(x) Aᵀ Bᵀ,
+with A (r, in) random and B (out, r) zero, so training starts exactly at the base model.
+
+The API: `apply_lora` swaps named projections for LoRA ones, `mark_trainable` freezes
+everything but LoRA and the `modules_to_save` (for Chinese-LLaMA: the grown embeddings and
+output layer), `save_adapter` / `load_adapter` write and read the trainable tensors only,
+`merge_lora` folds B·A into W.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .tensor_io import FormatError, atomic_output_dir
+
+# Users' configs come from PEFT, which names modules after Hugging Face's Llama.
+TARGET_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+                  "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+MODULE_ALIASES = {"embed_tokens": "tok_embeddings", "lm_head": "output"}
+ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What to adapt and how. Names may be ours (wq, tok_embeddings) or PEFT's (q_proj, lm_head)."""
+
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ALL_TARGETS
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {self.r}")
+        object.__setattr__(self, "targets", tuple(canonical_target(t) for t in self.targets))
+        object.__setattr__(self, "modules_to_save",
+                           tuple(MODULE_ALIASES.get(m, m) for m in self.modules_to_save))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+def canonical_target(name: str) -> str:
+    """'q_proj' → 'wq'; our names pass through; anything else is an error."""
+    name = TARGET_ALIASES.get(name, name)
+    if name not in ALL_TARGETS:
+        raise ValueError(f"unknown LoRA target {name!r}; use {', '.join(ALL_TARGETS)} "
+                         f"or {', '.join(TARGET_ALIASES)}")
+    return name
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear with a low-rank update: y = x Wᵀ + (α/r) · dropout(x) Aᵀ Bᵀ."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
+                 dropout: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        # LoRA factors are float32 whatever the base's dtype: they are what is trained.
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device))
+        self.lora_b = nn.Parameter(torch.empty(out_features, r, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # A as nn.Linear initialises its weight (and PEFT its lora_A); B zero: no change at start.
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.merged:
+            return out
+        a, b = self.lora_a, self.lora_b
+        update = F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scaling
+        return out + update.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(α/r) · B · A, in float32."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + (α/r)·B·A (computed in float32); forward then skips the LoRA branch."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replace every nn.Linear whose name ends in a target with a LoRALinear (in place).
+
+    The base weight Parameter is moved over as is (no copy), so this works on the meta
+    device and on loaded models alike.
+    """
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] not in config.targets:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        lora = LoRALinear(module.in_features, module.out_features, config.r, config.alpha,
+                          config.dropout, device=module.weight.device)
+        lora.weight = module.weight
+        lora.train(module.training)  # a new module would otherwise start in training mode
+        model.get_submodule(parent_name).register_module(child, lora)
+        replaced += 1
+    if replaced == 0:
+        raise ValueError(f"no linear layer matched the LoRA targets {list(config.targets)}")
+    return model
+
+
+def lora_modules(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def mark_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> list[str]:
+    """Freeze everything except LoRA factors and whole `modules_to_save`; return trainable names."""
+    modules_to_save = [MODULE_ALIASES.get(m, m) for m in modules_to_save]
+    names = dict(model.named_modules())
+    for m in modules_to_save:
+        if m not in names:
+            raise ValueError(f"modules_to_save: the model has no module {m!r}")
+    trainable = []
+    for name, p in model.named_parameters():
+        is_lora = name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+        saved = any(name == m or name.startswith(m + ".") for m in modules_to_save)
+        p.requires_grad_(is_lora or saved)
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def adapter_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
+    """The tensors an adapter holds: every LoRA factor and the modules to save, by name."""
+    state = {}
+    for name, t in model.state_dict().items():
+        is_lora = name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+        saved = any(name.startswith(m + ".") for m in config.modules_to_save)
+        if is_lora or saved:
+            state[name] = t
+    return state
+
+
+def save_adapter(
+    state: dict[str, torch.Tensor], config: LoRAConfig, out_dir: str | Path, *,
+    base_vocab_size: int, vocab_size: int, tokenizer_sha256: str | None = None,
+    tokenizer: Path | None = None, overwrite: bool = False,
+) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` (atomically).
+
+    Refuses an empty state: an adapter file without tensors (PEFT's "443-byte adapter")
+    is the classic silent failure of LoRA training.
+    """
+    if not any(n.endswith(("lora_a", "lora_b")) for n in state):
+        raise ValueError("refusing to save an adapter with no LoRA tensors")
+    meta = {"format": "zhllama-lora", "format_version": 1, **asdict(config),
+            "base_vocab_size": base_vocab_size, "vocab_size": vocab_size,
+            "tokenizer_sha256": tokenizer_sha256}
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer is not None:
+            (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    return Path(out_dir)
+
+
+def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, the whole adapter_config.json, tensors) of one of our adapters."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / ADAPTER_CONFIG).read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{path}: {ADAPTER_CONFIG} is missing") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path / ADAPTER_CONFIG}: invalid JSON ({e})") from None
+    if meta.get("format") != "zhllama-lora":
+        raise FormatError(f"{path / ADAPTER_CONFIG}: not a zhllama adapter")
+    config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
+                        targets=tuple(meta["targets"]), modules_to_save=tuple(meta["modules_to_save"]))
+    with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not tensors:
+        raise FormatError(f"{path / ADAPTER_WEIGHTS}: the adapter holds no tensors")
+    return config, meta, tensors
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
+    """Apply LoRA to `model` (if not yet) and load an adapter's tensors, strictly."""
+    config, meta, tensors = read_adapter(path)
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    if vocab is not None and meta.get("vocab_size") not in (None, vocab):
+        raise FormatError(f"{path}: the adapter was trained with a vocabulary of "
+                          f"{meta['vocab_size']} rows, the model has {vocab}; resize the model first")
+    if not any(True for _ in lora_modules(model)):
+        apply_lora(model, config)
+    expected = adapter_state_dict(model, config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{path}: adapter does not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            target = expected[name]
+            if target.shape != t.shape:
+                raise FormatError(f"{path}: tensor {name} has shape {list(t.shape)}, the model "
+                                  f"expects {list(target.shape)}")
+            target.copy_(t)
+    return config
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its weight and put plain nn.Linear layers back."""
+    for name, module in list(lora_modules(model)):
+        module.merge()
+        plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        plain.weight = module.weight
+        parent_name, _, child = name.rpartition(".")
+        model.get_submodule(parent_name).register_module(child, plain)
+    return model
+
+
+def init_lora_parameters(model: nn.Module) -> None:
+    """Re-initialise every LoRA factor (after building on the meta device and `to_empty`)."""
+    for _, module in lora_modules(model):
+        module.reset_lora_parameters()
+
+
+__all__ = [
+    "LoRAConfig", "LoRALinear", "apply_lora", "mark_trainable", "adapter_state_dict",
+    "save_adapter", "read_adapter", "load_adapter", "merge_lora", "init_lora_parameters",
+    "canonical_target",
+]
