@@ -1,0 +1,222 @@
+"""Training configuration: YAML → typed dataclasses, with command-line overrides.
+
+    torchrun train/pretrain.py cfg.yaml --optim.lr=1e-4 --parallel.precision=fp32
+
+Every key is checked: an unknown key or a value of the wrong type is an error that names
+the key (`optim.lrr: unknown key`), never a silently ignored setting. The resolved config
+is saved as YAML beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # model directory (or any checkpoint model.convert reads)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the frozen weights
+    # stage "embeddings": train only rows >= this id (the new tokens); None: all rows
+    new_rows_from: int | None = None
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a directory made by `python -m data.prepare`
+    block_size: int = 512  # pretraining: packed block length
+    val_fraction: float = 0.0  # pretraining: tail of the token stream held out, by documents
+    pack: bool = False  # SFT: several samples per row, attention kept inside each
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    warmup_ratio: float = 0.05  # of max_steps; warmup_steps wins when set
+    warmup_steps: int | None = None
+    max_steps: int = 1000
+    weight_decay: float = 0.01  # not applied to norms, biases and other 1-D parameters
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    micro_batch_size: int = 8  # sequences per rank per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float | None = 1.0
+
+
+@dataclass
+class LoRASection:
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    modules_to_save: tuple[str, ...] = ("tok_embeddings", "output")
+
+
+@dataclass
+class ParallelConfig:
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    selective_every: int = 2  # "selective": checkpoint every n-th block
+    compile: bool = False  # torch.compile each block
+    loss_chunk_size: int = 4096  # tokens per chunk of the output layer + loss; 0: whole
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    eval_every: int = 0  # 0: no evaluation
+    eval_batches: int = 20
+    peak_tflops: float = 0.0  # per device, for MFU (e.g. 989 for an H100 in bf16); 0: not shown
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class TrainConfig:
+    # embeddings: only tok_embeddings and output train (stage 1); lora: LoRA + modules_to_save
+    # (stage 2, and instruction tuning); full: every parameter
+    stage: Literal["embeddings", "lora", "full"] = "lora"
+    output_dir: str = "runs/train"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], key) for v in items)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name in fields & set(data):
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key + ".")
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+def _set_override(data: dict[str, Any], override: str) -> None:
+    """Apply '--section.key=value' (value parsed as YAML) to the raw dictionary."""
+    if not override.startswith("--") or "=" not in override:
+        raise ConfigError(f"override {override!r}: expected --section.key=value")
+    path, _, raw = override[2:].partition("=")
+    keys = path.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: {k} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML file (or start from defaults) and apply overrides; validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    for o in overrides:
+        _set_override(data, o)
+    cfg = _build(TrainConfig, data, "")
+    check(cfg)
+    return cfg
+
+
+def check(cfg: TrainConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    o = cfg.optim
+    for key, value in (("optim.max_steps", o.max_steps), ("optim.micro_batch_size", o.micro_batch_size),
+                       ("optim.grad_accum", o.grad_accum), ("data.block_size", cfg.data.block_size),
+                       ("lora.r", cfg.lora.r)):
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    if not cfg.model.path:
+        raise ConfigError("model.path: required (a model directory)")
+    if not cfg.data.path:
+        raise ConfigError("data.path: required (a directory made by data.prepare)")
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+
+    def lists(x: Any) -> Any:  # YAML-friendly: tuples as lists
+        if isinstance(x, dict):
+            return {k: lists(v) for k, v in x.items()}
+        return list(x) if isinstance(x, tuple) else x
+
+    return lists(d)
+
+
+def dump(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,63 @@
+"""Process group set-up: the same code path for one process and for many.
+
+Under `torchrun` the environment says the rank and world size; started plainly, the
+process makes a group of one (an in-memory store, no network). Either way training runs
+through FSDP2 on a device mesh, so a single process computes exactly what N processes do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(backend: str = "auto") -> DistInfo:
+    """Initialise the process group (nccl on GPUs, gloo on CPU) and a 1-D device mesh."""
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        else:  # a plain `python train/pretrain.py`: a group of one, no rendezvous needed
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    world_size = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world_size,))
+    return DistInfo(dist.get_rank(), world_size, local_rank, device, mesh)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    """Sum of a number over all ranks (float64, so token counts stay exact)."""
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t)
+
+
+def barrier() -> None:
+    dist.barrier()

@@ -1,0 +1,342 @@
+"""The training loop shared by `train/pretrain.py` and `train/sft.py`.
+
+Read top to bottom: build the model for a stage (LoRA or not, what is frozen), shard it,
+load the weights, then step: micro-batches → summed token losses divided by the global
+number of target tokens → clip → AdamW → schedule, with evaluation, logging and
+checkpoints on the way, and the adapter or model written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
+from tqdm.auto import tqdm
+
+from model.checkpoint import Checkpoint, from_state_dict
+from model.formats import read_checkpoint, write_model_dir
+from model.llama import Transformer, build_model
+from model.lora import LoRAConfig, apply_lora, mark_trainable, save_adapter
+from model.tensor_io import parse_dtype
+from tokenizer.spm_io import sha256_file
+
+from . import checkpoint as ckpt_io
+from .config import TrainConfig, dump
+from .distributed import DistInfo, all_reduce_sum
+from .optim import LossScaler, build_optimizer, build_scheduler
+from .parallelize import clean_name, parallelize
+
+IGNORE_INDEX = -100
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a dataset: batches, and a position it can save and restore."""
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    base: Checkpoint  # the checkpoint the frozen weights come from
+    lora: LoRAConfig | None
+
+
+# ---------------------------------------------------------------------------------------
+# the model for a stage
+
+
+def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
+    """Meta-device model → LoRA (stage lora) → trainable marks → shard → load weights."""
+    base = read_checkpoint(cfg.model.path, progress=False)
+    model = build_model(base.args, init=False)
+    lora = None
+    if cfg.stage == "lora":
+        s = cfg.lora
+        lora = LoRAConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=s.targets,
+                          modules_to_save=s.modules_to_save)
+        apply_lora(model, lora)
+        mark_trainable(model, lora.modules_to_save)
+    elif cfg.stage == "embeddings":
+        mark_trainable(model, ("tok_embeddings", "output"))
+    # stage "full": everything stays trainable
+    frozen_dtype = parse_dtype(cfg.model.dtype)
+    for p in model.parameters():
+        if not p.requires_grad:  # frozen weights may be stored narrower; trained ones stay fp32
+            p.data = p.data.to(frozen_dtype)
+    parallelize(model, cfg.parallel, dist.mesh)
+    model.to_empty(device=dist.device)
+    load_weights(model, base, cfg.seed)
+    return Built(model, base, lora)
+
+
+def initial_tensor(name: str, shape: torch.Size, base: Checkpoint, seed: int) -> torch.Tensor:
+    """The starting value of a parameter: from the checkpoint, or LoRA's initialisation.
+
+    LoRA's A is drawn from a generator seeded by the parameter's name, so its value does
+    not depend on the number of ranks or on the order parameters are visited in.
+    """
+    if name in base.specs:
+        return base.get(name)
+    if name.endswith(".lora_b"):
+        return torch.zeros(shape)
+    if name.endswith(".lora_a"):  # kaiming-uniform with a = √5, as nn.Linear: U(±1/√fan_in)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        bound = 1 / math.sqrt(shape[1])
+        return (torch.rand(shape, generator=g) * 2 - 1) * bound
+    raise KeyError(f"no initial value for parameter {name}")
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, base: Checkpoint, seed: int) -> None:
+    """Fill every (possibly sharded) parameter, one full tensor at a time."""
+    for raw_name, p in model.named_parameters():
+        full = initial_tensor(clean_name(raw_name), p.shape, base, seed).to(p.device, p.dtype)
+        if isinstance(p, DTensor):  # each rank keeps its own slice; no communication needed
+            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        p.copy_(full)
+
+
+def mask_old_rows(model: nn.Module, new_rows_from: int) -> None:
+    """Zero the gradient rows of old tokens in tok_embeddings and output (stage 1 option).
+
+    With no gradient and no weight decay (those tensors get none in this mode), AdamW
+    leaves the rows exactly as they were.
+    """
+    for raw_name, p in model.named_parameters():
+        if clean_name(raw_name) in ("tok_embeddings.weight", "output.weight") and p.grad is not None:
+            keep = torch.ones(p.shape[0], 1, device=p.device, dtype=p.dtype)
+            keep[:new_rows_from] = 0
+            if isinstance(p.grad, DTensor):
+                keep = distribute_tensor(keep.expand(p.shape).contiguous(), p.grad.device_mesh,
+                                         p.grad.placements, src_data_rank=None)
+            p.grad.mul_(keep)
+
+
+# ---------------------------------------------------------------------------------------
+# measuring
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: forward 2·N, backward 2·N for input gradients plus 2·N_trained
+    for weight gradients (frozen weights need none), plus attention (PaLM's 12·L·d·T)."""
+    matmul, trained = 0, 0
+    for raw_name, p in model.named_parameters():
+        name = clean_name(raw_name)
+        if p.ndim == 2 and name != "tok_embeddings.weight":  # an embedding is a lookup
+            matmul += p.numel()
+            trained += p.numel() if p.requires_grad else 0
+    args = model.args
+    return 4 * matmul + 2 * trained + 12 * args.n_layers * args.dim * seq_len
+
+
+def memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    from pathlib import Path as _P
+    for line in _P("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# one optimizer step
+
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int, device) -> torch.Tensor:
+    """Summed token loss of a micro-batch."""
+    kwargs = {"segment_ids": batch["segment_ids"].to(device)} if "segment_ids" in batch else {}
+    return model(batch["tokens"].to(device), labels=batch["labels"].to(device),
+                 loss_chunk_size=chunk or None, **kwargs)
+
+
+def train_step(
+    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], params: list[nn.Parameter],
+    cfg: TrainConfig, dist: DistInfo, scaler: LossScaler,
+) -> tuple[float, float, int]:
+    """Forward/backward over the micro-batches; return (mean loss, grad norm, target tokens).
+
+    Each micro-batch's summed loss is divided by the number of target tokens in the whole
+    step on all ranks, so the gradient is that of the mean over every target token however
+    the tokens fall into micro-batches. FSDP averages gradients over ranks, hence the
+    factor world_size.
+    """
+    n_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+    n_global = all_reduce_sum(n_local, dist.device)
+    if n_global == 0:
+        return float("nan"), float("nan"), 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for batch in micro_batches:
+        loss = forward_loss(model, batch, cfg.parallel.loss_chunk_size, dist.device)
+        (loss * (dist.world_size / n_global * scaler.scale)).backward()
+        loss_sum += loss.detach()
+    loss_mean = all_reduce_sum(float(loss_sum), dist.device) / n_global
+    scaler.unscale_(params)
+    if cfg.stage == "embeddings" and cfg.model.new_rows_from is not None:
+        mask_old_rows(model, cfg.model.new_rows_from)
+    max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return loss_mean, float(norm), int(n_global)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_batches: int,
+             dist: DistInfo) -> dict[str, float]:
+    """Validation loss, perplexity and next-token accuracy over `n_batches` per rank."""
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for _, batch in zip(range(n_batches), batches):
+        labels = batch["labels"].to(dist.device)
+        kwargs = {"segment_ids": batch["segment_ids"].to(dist.device)} if "segment_ids" in batch else {}
+        logits = model(batch["tokens"].to(dist.device), **kwargs).float()
+        valid = labels != IGNORE_INDEX
+        loss_sum += float(torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
+        correct += float(((logits.argmax(-1) == labels) & valid).sum())
+        count += float(valid.sum())
+    model.train()
+    loss_sum, correct, count = (all_reduce_sum(v, dist.device) for v in (loss_sum, correct, count))
+    loss = loss_sum / max(count, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_acc": correct / max(count, 1)}
+
+
+# ---------------------------------------------------------------------------------------
+# the loop
+
+
+class MetricsLog:
+    """metrics.jsonl on the main rank; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resumed_step: int) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            keep = [l for l in path.read_text().splitlines()
+                    if l.strip() and json.loads(l).get("step", 0) <= resumed_step]
+            path.write_text("".join(l + "\n" for l in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def run(
+    cfg: TrainConfig, built: Built, data: BatchSource, dist: DistInfo,
+    val_data: BatchSource | None = None, seq_len: int = 512,
+) -> nn.Module:
+    """Train `built.model` on `data` until cfg.optim.max_steps; resume from the newest
+    checkpoint in cfg.output_dir if there is one. Returns the model."""
+    model, out = built.model, Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    no_decay = ("tok_embeddings", "output") if cfg.model.new_rows_from is not None else ()
+    optimizer = build_optimizer(model, cfg.optim, no_decay)
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    scaler = LossScaler(cfg.parallel.precision == "fp16")
+    state = ckpt_io.TrainState(model, optimizer, scheduler, scaler)
+    resume_from = ckpt_io.latest(out)
+    if resume_from is not None:
+        data_state = ckpt_io.load(resume_from, state, dist)
+        if data_state is not None:
+            data.load_state_dict(data_state)
+        if dist.is_main:
+            print(f"resumed from {resume_from} (step {state.progress.step})")
+    log = MetricsLog(out / "metrics.jsonl", dist.is_main, state.progress.step)
+    config_yaml = dump(cfg)
+    if dist.is_main:
+        (out / "config.yaml").write_text(config_yaml)
+    fpt = flops_per_token(model, seq_len)
+    batches = data.batches(cfg.optim.micro_batch_size)
+    bad_in_a_row = 0
+    bar = tqdm(total=cfg.optim.max_steps, initial=state.progress.step, disable=not dist.is_main,
+               desc=f"train ({cfg.stage})", unit="step")
+    model.train()
+    while state.progress.step < cfg.optim.max_steps:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
+        loss, norm, n_targets = train_step(model, micro, params, cfg, dist, scaler)
+        loss_ok, norm_ok = math.isfinite(loss), math.isfinite(norm)
+        if loss_ok and norm_ok:
+            optimizer.step()
+            bad_in_a_row = 0
+        else:
+            state.progress.skipped_steps += 1
+            overflow = loss_ok and scaler.enabled  # fp16 scale too high: normal, not a failure
+            bad_in_a_row = 0 if overflow else bad_in_a_row + 1
+        scaler.update(loss_ok and norm_ok)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.progress.step += 1
+        state.progress.tokens += n_targets
+        step = state.progress.step
+        if bad_in_a_row >= cfg.log.max_bad_steps:
+            raise RuntimeError(
+                f"{bad_in_a_row} non-finite losses in a row at step {step}; stopping. The last "
+                f"good checkpoint is {ckpt_io.latest(out)}. Lower the learning rate, or use bf16.")
+        elapsed = time.perf_counter() - t0
+        tokens = sum(b["tokens"].numel() for b in micro) * dist.world_size
+        if step % cfg.log.every == 0 or step == cfg.optim.max_steps:
+            record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": norm, "tokens_per_s": tokens / elapsed,
+                      "memory_gb": memory_bytes(dist.device) / 1e9,
+                      "skipped_steps": state.progress.skipped_steps}
+            if cfg.log.peak_tflops:
+                record["mfu"] = fpt * tokens / elapsed / (cfg.log.peak_tflops * 1e12 * dist.world_size)
+            log.write(record)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        if val_data is not None and cfg.log.eval_every and step % cfg.log.eval_every == 0:
+            metrics = evaluate(model, val_data.batches(cfg.optim.micro_batch_size),
+                               cfg.log.eval_batches, dist)
+            log.write({"step": step, **metrics})
+            if dist.is_main:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.optim.max_steps:
+            ckpt_io.save(out, state, data.state_dict(), config_yaml, dist, cfg.checkpoint.keep_last)
+        bar.update(1)
+    bar.close()
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# what a run leaves behind
+
+
+def export(cfg: TrainConfig, built: Built, dist: DistInfo) -> Path:
+    """Write the adapter (stage lora) or a canonical model directory (embeddings, full)."""
+    model, out = built.model, Path(cfg.output_dir)
+    tokenizer = built.base.tokenizer
+    if built.lora is not None:
+        full = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if dist.is_main:
+            state = {k: v for k, v in full.items() if k in adapter_keys(full, built.lora)}
+            save_adapter(state, built.lora, out / "adapter", base_vocab_size=built.base.args.vocab_size,
+                         vocab_size=built.base.args.vocab_size, overwrite=True, tokenizer=tokenizer,
+                         tokenizer_sha256=sha256_file(tokenizer) if tokenizer else None)
+        return out / "adapter"
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_main:
+        dtype = parse_dtype(cfg.model.dtype)
+        state = {k: v.to(dtype) for k, v in full.items()}
+        write_model_dir(from_state_dict(state, built.base.args, tokenizer), out / "model",
+                        overwrite=True, progress=False)
+    return out / "model"
+
+
+def adapter_keys(state: dict[str, torch.Tensor], lora: LoRAConfig) -> set[str]:
+    return {k for k in state if k.endswith((".lora_a", ".lora_b"))
+            or any(k.startswith(m + ".") for m in lora.modules_to_save)}
