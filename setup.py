@@ -27,6 +27,9 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45"],
+        # llama.cpp's own GGUF reader/writer, for `--to gguf` / `--output_type gguf`
+        "gguf": ["gguf>=0.10"],
+        # real reference implementations the tests compare against
+        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "gguf>=0.10"],
     },
 )

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, pad_vocab, with_dtype
 from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
+from .formats.gguf import write_gguf
 from .tensor_io import FormatError, parse_dtype, return_freed_memory_promptly
 
-TARGETS = ("zhllama", "hf", "meta")
+TARGETS = ("zhllama", "hf", "meta", "gguf")
+GGUF_DTYPES = {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16", "q8_0": "q8_0"}
 
 
 def parse_size(text: str) -> int:
@@ -54,9 +56,35 @@ def convert(
         raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
     ckpt = read_checkpoint(src, tokenizer=tokenizer, verify_checksum=verify_checksum,
                            progress=progress)
+    return write(ckpt, dst, to, dtype=dtype, shards=shards,
+                 pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
+                 max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
+
+
+def write(
+    ckpt: Checkpoint,
+    dst: str | Path,
+    to: str,
+    *,
+    dtype: str | None = None,
+    shards: int = 1,
+    pad_vocab_to_multiple_of: int | None = None,
+    max_shard_bytes: int = 5 << 30,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Checkpoint:
+    """Write an open checkpoint in format `to` (the second half of `convert`)."""
+    if to == "gguf":
+        if dtype is not None and dtype not in GGUF_DTYPES:
+            raise ValueError(f"--dtype {dtype} is not a GGUF type; use f32, f16 or q8_0")
+        ckpt = pad_vocab(ckpt, pad_vocab_to_multiple_of)
+        write_gguf(ckpt, dst, GGUF_DTYPES[dtype or "f16"], overwrite=overwrite, progress=progress)
+        return ckpt
+    if dtype == "q8_0":
+        raise ValueError("--dtype q8_0 is only for --to gguf")
     ckpt = pad_vocab(with_dtype(ckpt, parse_dtype(dtype)), pad_vocab_to_multiple_of)
     if ckpt.tokenizer is None:
-        print(f"warning: no tokenizer.model found for {src}; pass --tokenizer to include one",
+        print(f"warning: no tokenizer.model found for {ckpt.path}; pass --tokenizer to include one",
               file=sys.stderr)
     if to == "meta":
         write_meta(ckpt, dst, n_shards=shards, overwrite=overwrite, progress=progress)
@@ -76,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="checkpoint to read (format detected)")
-    p.add_argument("dst", help="directory to write (must not exist unless --overwrite)")
+    p.add_argument("dst", help="directory (or .gguf file) to write; must not exist unless --overwrite")
     p.add_argument("--to", required=True, choices=TARGETS, help="format to write")
     p.add_argument("--tokenizer", help="sentencepiece model (file or directory) to carry along; "
                    "overrides one found beside SRC")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="cast floating tensors (default: keep the source's dtypes)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "f32", "f16", "q8_0"),
+                   help="cast floating tensors (default: keep the source's dtypes; for GGUF f16); "
+                        "q8_0 is for GGUF only")
     p.add_argument("--shards", type=int, default=1,
                    help="model-parallel shards for --to meta (default 1)")
     p.add_argument("--pad_vocab_to_multiple_of", type=int, metavar="M",

@@ -172,7 +172,8 @@ def adapter_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.
 def save_adapter(
     state: dict[str, torch.Tensor], config: LoRAConfig, out_dir: str | Path, *,
     base_vocab_size: int, vocab_size: int, tokenizer_sha256: str | None = None,
-    tokenizer: Path | None = None, overwrite: bool = False,
+    tokenizer: Path | None = None, base_params: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` (atomically).
 
@@ -183,7 +184,9 @@ def save_adapter(
         raise ValueError("refusing to save an adapter with no LoRA tensors")
     meta = {"format": "zhllama-lora", "format_version": 1, **asdict(config),
             "base_vocab_size": base_vocab_size, "vocab_size": vocab_size,
-            "tokenizer_sha256": tokenizer_sha256}
+            "tokenizer_sha256": tokenizer_sha256,
+            # head counts let the adapter be exported for Hugging Face (q/k permutation)
+            "base_params": base_params}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})

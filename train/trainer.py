@@ -326,7 +326,8 @@ def export(cfg: TrainConfig, built: Built, dist: DistInfo) -> Path:
             state = {k: v for k, v in full.items() if k in adapter_keys(full, built.lora)}
             save_adapter(state, built.lora, out / "adapter", base_vocab_size=built.base.args.vocab_size,
                          vocab_size=built.base.args.vocab_size, overwrite=True, tokenizer=tokenizer,
-                         tokenizer_sha256=sha256_file(tokenizer) if tokenizer else None)
+                         tokenizer_sha256=sha256_file(tokenizer) if tokenizer else None,
+                         base_params=built.base.args.to_params())
         return out / "adapter"
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:

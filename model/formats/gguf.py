@@ -1,0 +1,150 @@
+"""GGUF files for llama.cpp, written with llama.cpp's own `gguf` package.
+
+    python -m model.convert MODEL out.gguf --to gguf --dtype f32|f16|q8_0
+
+What goes in: the `llama` architecture's hyper-parameters, the sentencepiece vocabulary
+(pieces, scores, token types — padded with unused `[PADn]` entries up to the embedding's
+row count, so a padded vocabulary loads), the special token ids and the add-BOS flag, and
+the tensors under llama.cpp's names. GGUF keeps Meta's rotary layout, which is ours, so q
+and k go in unpermuted (llama.cpp's own converter un-permutes Hugging Face's). Norms stay
+float32; with q8_0, a matrix whose rows are not a multiple of the 32-value block falls
+back to f16. The file is written tensor by tensor into a temporary path, then renamed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import Checkpoint
+from ..tensor_io import FormatError, atomic_output_file
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+        "output.weight": "output.weight"}
+_LAYER = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+          "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate",
+          "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
+          "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise FormatError("writing GGUF needs llama.cpp's gguf package: pip install 'zhllama[gguf]'") from None
+    return gguf
+
+
+def gguf_name(name: str) -> str:
+    """'layers.3.attention.wq.weight' → 'blk.3.attn_q.weight'."""
+    if name in _TOP:
+        return _TOP[name]
+    _, layer, rest = name.split(".", 2)
+    return f"blk.{layer}.{_LAYER[rest.removesuffix('.weight')]}.weight"
+
+
+def _ggml_type(shape: tuple[int, ...], ftype: str, gguf):
+    """The GGML type a tensor of this shape is stored as."""
+    q = gguf.GGMLQuantizationType
+    if len(shape) == 1 or ftype == "f32":  # norms: always f32
+        return q.F32
+    if ftype == "q8_0" and shape[-1] % 32 == 0:  # Q8_0 packs rows in blocks of 32 values
+        return q.Q8_0
+    return q.F16
+
+
+def _encode(t: torch.Tensor, qtype, gguf) -> np.ndarray:
+    """The bytes of a tensor in its GGML type (a numpy array the writer can dump)."""
+    q = gguf.GGMLQuantizationType
+    arr = t.detach().float().numpy()
+    if qtype == q.Q8_0:
+        return gguf.quants.quantize(arr, q.Q8_0)
+    return arr.astype(np.float16) if qtype == q.F16 else arr
+
+
+def _vocab(tokenizer: Path, n_rows: int, gguf) -> tuple[list[bytes], list[float], list[int], dict]:
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.read_bytes())
+    T = gguf.TokenType
+    kinds = {1: T.NORMAL, 2: T.UNKNOWN, 3: T.CONTROL, 4: T.USER_DEFINED, 5: T.UNUSED, 6: T.BYTE}
+    tokens = [p.piece.encode("utf-8") for p in proto.pieces]
+    scores = [p.score for p in proto.pieces]
+    types = [int(kinds[p.type]) for p in proto.pieces]
+    if len(tokens) > n_rows:
+        raise FormatError(f"{tokenizer}: {len(tokens)} pieces but the embedding has {n_rows} rows")
+    for i in range(1, n_rows - len(tokens) + 1):  # rows added to pad the vocabulary
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(T.UNUSED))
+    spec = proto.trainer_spec
+    ids = {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id}
+    specials = {k: v for k, v in ids.items() if 0 <= v < len(proto.pieces)}
+    specials["add_space_prefix"] = proto.normalizer_spec.add_dummy_prefix
+    return tokens, scores, types, specials
+
+
+def _metadata(w, ckpt: Checkpoint, ftype: str, gguf) -> None:
+    a = ckpt.args
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    w.add_name(ckpt.path.name if ckpt.path else "zhllama")
+    w.add_context_length(a.max_seq_len)
+    w.add_embedding_length(a.dim)
+    w.add_block_count(a.n_layers)
+    w.add_feed_forward_length(a.hidden_dim)
+    w.add_head_count(a.n_heads)
+    w.add_head_count_kv(a.kv_heads)
+    w.add_rope_dimension_count(a.head_dim)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_layer_norm_rms_eps(a.norm_eps)
+    w.add_vocab_size(a.vocab_size)
+    w.add_file_type(file_types[ftype])
+    if ckpt.tokenizer is None:
+        raise FormatError("GGUF needs the tokenizer: pass --tokenizer")
+    tokens, scores, types, specials = _vocab(ckpt.tokenizer, a.vocab_size, gguf)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    for key, add in (("unk", w.add_unk_token_id), ("bos", w.add_bos_token_id),
+                     ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
+        if key in specials:
+            add(specials[key])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(specials["add_space_prefix"])
+
+
+def write_gguf(ckpt: Checkpoint, dst: str | Path, ftype: str = "f16", *, overwrite: bool = False,
+               progress: bool = True) -> Path:
+    """Write `ckpt` as one GGUF file. Tensor data is streamed: one tensor in memory at a time."""
+    if ftype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {ftype!r}; choose from {', '.join(GGUF_TYPES)}")
+    gguf = _gguf()
+    with atomic_output_file(dst, overwrite) as tmp:
+        w = gguf.GGUFWriter(tmp, "llama")
+        _metadata(w, ckpt, ftype, gguf)
+        types = {n: _ggml_type(spec.shape, ftype, gguf) for n, spec in ckpt.specs.items()}
+        for name, spec in ckpt.specs.items():  # the header lists every tensor before any data
+            qtype = types[name]
+            if qtype == gguf.GGMLQuantizationType.Q8_0:
+                shape, np_dtype = gguf.quants.quant_shape_to_byte_shape(spec.shape, qtype), np.uint8
+                nbytes = int(np.prod(shape))
+            else:
+                shape, np_dtype = spec.shape, (np.float32 if qtype == gguf.GGMLQuantizationType.F32
+                                               else np.float16)
+                nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+            w.add_tensor_info(gguf_name(name), shape, np_dtype, nbytes, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name in tqdm(ckpt.specs, desc="writing gguf", unit="tensor", disable=not progress):
+            w.write_tensor_data(_encode(ckpt.get(name), types[name], gguf))
+        w.close()
+    return Path(dst)
