@@ -1,0 +1,135 @@
+"""GGUF export read back with llama.cpp's gguf reader, and (marker `llamacpp`) run in llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+from model.checkpoint import from_state_dict, load_model
+from model.convert import convert
+from model.formats import read_checkpoint, write_model_dir
+from model.formats.gguf import gguf_name
+from model.llama import named_args
+from tests.conftest import random_model
+
+gguf = pytest.importorskip("gguf")
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+def tensors(reader):
+    return {t.name: t for t in reader.tensors}
+
+
+@pytest.fixture
+def stories(shared_data, tmp_path):
+    src = shared_data / "models" / "stories260K"
+    convert(src / "stories260K.bin", tmp_path / "m", "zhllama", tokenizer=src / "tok512.model",
+            progress=False)
+    return tmp_path / "m"
+
+
+def test_f32_gguf_holds_every_tensor_and_key_as_written(stories, tmp_path):
+    out = tmp_path / "s.gguf"
+    convert(stories, out, "gguf", dtype="f32", progress=False)
+    r = gguf.GGUFReader(out)
+    ckpt = read_checkpoint(stories)
+    a = ckpt.args
+    expected = {
+        "general.architecture": "llama", "llama.context_length": 512, "llama.embedding_length": 64,
+        "llama.block_count": 5, "llama.feed_forward_length": 172, "llama.attention.head_count": 8,
+        "llama.attention.head_count_kv": 4, "llama.rope.dimension_count": 8,
+        "llama.rope.freq_base": 10000.0, "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True,
+        "general.file_type": int(gguf.LlamaFileType.ALL_F32),
+    }
+    for key, value in expected.items():
+        assert field(r, key) == value, key
+    assert abs(field(r, "llama.attention.layer_norm_rms_epsilon") - a.norm_eps) < 1e-10
+    sp = spm.SentencePieceProcessor(model_file=str(ckpt.tokenizer))
+    assert field(r, "tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(512)]
+    assert np.allclose(field(r, "tokenizer.ggml.scores"), [sp.get_score(i) for i in range(512)])
+    types = field(r, "tokenizer.ggml.token_type")
+    assert types[:3] == [2, 3, 3] and set(types[3:259]) == {6} and set(types[259:]) == {1}
+    written = tensors(r)
+    assert len(written) == len(ckpt.specs)
+    for name in ckpt.specs:
+        t = written[gguf_name(name)]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(np.asarray(t.data).reshape(ckpt.specs[name].shape), ckpt.get(name).numpy())
+
+
+def test_q8_0_and_padded_vocabulary(tmp_path, shared_data):
+    tok = shared_data / "models" / "stories260K" / "tok512.model"
+    args = named_args("tiny", vocab_size=512, dim=64)
+    model = random_model(args)
+    write_model_dir(from_state_dict(model.state_dict(), args, tokenizer=tok), tmp_path / "m",
+                    progress=False)
+    out = tmp_path / "q.gguf"
+    convert(tmp_path / "m", out, "gguf", dtype="q8_0", pad_vocab_to_multiple_of=96, progress=False)
+    r = gguf.GGUFReader(out)
+    tokens = field(r, "tokenizer.ggml.tokens")
+    assert len(tokens) == 576 and tokens[512:515] == ["[PAD1]", "[PAD2]", "[PAD3]"]
+    assert field(r, "tokenizer.ggml.token_type")[-1] == int(gguf.TokenType.UNUSED)
+    written = tensors(r)
+    for name, t in model.state_dict().items():
+        g = written[gguf_name(name)]
+        if t.ndim == 1:
+            assert g.tensor_type == gguf.GGMLQuantizationType.F32
+            continue
+        assert g.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        back = gguf.quants.dequantize(np.asarray(g.data), g.tensor_type)
+        rows = t.shape[0] if "tok_embeddings" not in name and name != "output.weight" else 576
+        back = back.reshape(rows, t.shape[1])[: t.shape[0]]
+        assert np.abs(back - t.numpy()).max() <= np.abs(t.numpy()).max() / 127 + 1e-6
+
+
+def test_q8_0_falls_back_to_f16_for_odd_rows(stories, tmp_path):
+    out = tmp_path / "q.gguf"
+    convert(stories, out, "gguf", dtype="q8_0", progress=False)
+    written = tensors(gguf.GGUFReader(out))
+    assert written["blk.0.ffn_gate.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert written["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16  # 172 columns
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_runs_our_gguf_like_we_do(stories, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "s.gguf"
+    convert(stories, out, "gguf", dtype="f32", progress=False)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, logits_all=True, verbose=False,
+                          type_k=0, type_v=0, n_threads=2, seed=0)  # f32 KV cache
+    ours = load_model(read_checkpoint(stories)).eval()
+    prompt = [1] + spm.SentencePieceProcessor(model_file=str(stories / "tokenizer.model")).encode(
+        "Once upon a time, there was a")
+    llm.eval(prompt)
+    theirs = torch.tensor(np.array(llm.scores[: len(prompt)]))
+    with torch.no_grad():
+        mine = ours(torch.tensor([prompt]))[0]
+    assert (mine - theirs).abs().max() <= 1e-3
+    llm.reset()
+    greedy = [t for _, t in zip(range(40), llm.generate(prompt, temp=0.0))]
+    from model.generate import SamplingConfig, generate_ids
+
+    assert greedy == list(generate_ids(ours, prompt, 40, SamplingConfig(temperature=0)))[: len(greedy)]
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_tokenizes_chinese_like_sentencepiece(shared_data, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = shared_data / "tokenizers" / "chinese_llama2_hf" / "tokenizer.model"
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    args = named_args("tiny", vocab_size=sp.vocab_size())
+    write_model_dir(from_state_dict(random_model(args).state_dict(), args, tokenizer=tok),
+                    tmp_path / "m", progress=False)
+    convert(tmp_path / "m", tmp_path / "zh.gguf", "gguf", dtype="f16", progress=False)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "zh.gguf"), vocab_only=True, verbose=False)
+    lines = (shared_data / "corpus" / "lunyu.txt").read_text(encoding="utf-8").splitlines()[:50]
+    lines += ["Hello world, 你好世界! 2023年", "李白（701年—762年），字太白"]
+    for text in lines:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True) == [sp.bos_id()] + sp.encode(text), text
