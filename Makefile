@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel; GPU users install their own torch first and run `pip install -e .[test]`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test clean
+.PHONY: demo test test-llamacpp clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# llama.cpp itself (llama-cpp-python builds it from source: 5-8 minutes on 2 cores, once;
+# pip caches the wheel). Not part of `make test`, whose llama.cpp tests skip without it.
+test-llamacpp: $(VENV)/.installed
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q llama-cpp-python
+	$(PY) -m pytest -q -m llamacpp tests
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache
