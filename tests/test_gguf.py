@@ -122,14 +122,28 @@ def test_llama_cpp_runs_our_gguf_like_we_do(stories, tmp_path):
 @pytest.mark.llamacpp
 def test_llama_cpp_tokenizes_chinese_like_sentencepiece(shared_data, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    tok = shared_data / "tokenizers" / "chinese_llama2_hf" / "tokenizer.model"
+    from types import SimpleNamespace
+
+    from tokenizer.merge import merge
+
+    # the published Chinese-LLaMA merge (+ pad): its appended pieces all score 0, a tie
+    # that llama.cpp must break as sentencepiece does
+    merge(SimpleNamespace(
+        llama_tokenizer_dir=str(shared_data / "tokenizers" / "llama_tokenizer.model"),
+        chinese_sp_model_file=str(shared_data / "tokenizers" / "chinese_sp.model"),
+        output_dir=str(tmp_path / "tok"), add_pad_token=True, drop_digit_pieces=False,
+        drop_ascii_pieces=False, drop_unreachable_pieces=False, new_piece_scores="zero",
+        overwrite=False))
+    tok = tmp_path / "tok" / "tokenizer.model"
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     args = named_args("tiny", vocab_size=sp.vocab_size())
     write_model_dir(from_state_dict(random_model(args).state_dict(), args, tokenizer=tok),
                     tmp_path / "m", progress=False)
     convert(tmp_path / "m", tmp_path / "zh.gguf", "gguf", dtype="f16", progress=False)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "zh.gguf"), vocab_only=True, verbose=False)
+    assert llm.token_eos() == 2 and llm.n_vocab() == 49954
     lines = (shared_data / "corpus" / "lunyu.txt").read_text(encoding="utf-8").splitlines()[:50]
+    lines += (shared_data / "corpus" / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()[:50]
     lines += ["Hello world, 你好世界! 2023年", "李白（701年—762年），字太白"]
     for text in lines:
         assert llm.tokenize(text.encode("utf-8"), add_bos=True) == [sp.bos_id()] + sp.encode(text), text

@@ -36,7 +36,8 @@ def write_hf_tokenizer_files(
     src = resolve_model_file(sp_model_file)
     out_dir = Path(out_dir)
     specials = special_tokens(src)
-    shutil.copyfile(src, out_dir / "tokenizer.model")
+    if src.resolve() != (out_dir / "tokenizer.model").resolve():
+        shutil.copyfile(src, out_dir / "tokenizer.model")
     token_map = {f"{name}_token": _added_token(tok["piece"])
                  for name, tok in specials.items() if tok is not None}
     config: dict[str, Any] = {
@@ -47,6 +48,9 @@ def write_hf_tokenizer_files(
         "pad_token": token_map.get("pad_token", {}).get("content"),
         "clean_up_tokenization_spaces": False,
         "legacy": True,
+        # Text "<s>" or "<pad>" stays text, as in sentencepiece (and in our data prep);
+        # transformers would otherwise turn it into the special token's id.
+        "split_special_tokens": True,
         "sp_model_kwargs": {},
     }
     if model_max_length is not None:

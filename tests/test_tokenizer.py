@@ -1,0 +1,195 @@
+"""The vocabulary merge on the real LLaMA and Chinese-LLaMA files, training, report, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from tokenizer.merge import merge, reachable_pieces
+
+ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "It's a truth universally acknowledged, that a single man in possession of a good fortune",
+    "def square(x):\n    return x * x\n\n\tprint(square(y))",
+    "naïve café, résumé; «quotes» — and ‘more’",
+]
+WITH_DIGITS = ["In 2023, 1,234 people paid $5.99 each.", "x = [10, 20, 30]; y = 3.14159",
+               "Call 555-0100 at 12:30."]
+MIXED = ["我爱北京天安门 🦙🚀 emoji, 𠀀𪚥 rare characters, ＡＢＣ full width",
+         "李白（701年—762年），字太白，号青莲居士。", "  leading spaces and\ttabs\n新行"]
+
+
+def options(**kw):
+    base = dict(add_pad_token=False, drop_digit_pieces=False, drop_ascii_pieces=False,
+                drop_unreachable_pieces=False, overwrite=False, new_piece_scores="zero")
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from tests.conftest import SHARED_DATA
+
+    tok = SHARED_DATA / "tokenizers"
+    if not tok.is_dir():
+        pytest.skip(f"real test material not found at {SHARED_DATA}")
+    out = tmp_path_factory.mktemp("merge")
+    base, zh = tok / "llama_tokenizer.model", tok / "chinese_sp.model"
+    for name, kw in [("default", {}), ("pad", {"add_pad_token": True}),
+                     ("english_safe", {"drop_digit_pieces": True, "drop_ascii_pieces": True}),
+                     ("ranked", {"new_piece_scores": "ranked", "drop_digit_pieces": True})]:
+        merge(options(llama_tokenizer_dir=str(base), chinese_sp_model_file=str(zh),
+                      output_dir=str(out / name), **kw))
+    return SimpleNamespace(base=base, zh=zh, out=out, corpus=SHARED_DATA / "corpus")
+
+
+def proto(path):
+    p = sp_pb2.ModelProto()
+    p.ParseFromString(path.read_bytes())
+    return p
+
+
+def sp(path):
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def test_published_merge_49953_with_base_untouched(real):
+    merged, base = proto(real.out / "default" / "tokenizer.model"), proto(real.base)
+    assert len(merged.pieces) == 49953
+    for a, b in zip(base.pieces, merged.pieces[:32000]):
+        assert (a.piece, a.score, a.type) == (b.piece, b.score, b.type)
+    assert all(p.score == 0 and p.type == p.NORMAL for p in merged.pieces[32000:])
+    assert merged.trainer_spec == base.trainer_spec
+    assert merged.normalizer_spec == base.normalizer_spec
+    manifest = json.loads((real.out / "default" / "merge_manifest.json").read_text())
+    assert manifest["report"]["appended"] == 17953 and manifest["report"]["already_present"] == 2047
+    assert manifest["inputs"]["llama_tokenizer"]["sha256"].startswith("9e556afd")
+
+
+def test_english_exactly_as_before_with_the_drop_options(real):
+    base, merged, safe = sp(real.base), sp(real.out / "default" / "tokenizer.model"), \
+        sp(real.out / "english_safe" / "tokenizer.model")
+    # the published merge appends "20", "10", "5." … so numbers no longer split into digits,
+    # and ASCII pieces such as "eo" and "ple" (score 0) split "people" differently
+    assert merged.encode("2023", out_type=str) != base.encode("2023", out_type=str)
+    assert merged.encode("people", out_type=str) == ["▁p", "eo", "ple"]
+    report = json.loads((real.out / "default" / "merge_manifest.json").read_text())["report"]
+    assert report["english_words_changed"] > 100 and report["with_digits"] == 594
+    safe_report = json.loads((real.out / "english_safe" / "merge_manifest.json").read_text())["report"]
+    assert safe_report["english_words_changed"] == 0
+    for text in ENGLISH + WITH_DIGITS + ["   runs   of\t\tspaces  ", "x" * 40]:
+        assert safe.encode(text) == base.encode(text), text
+    # and Chinese still gains as much: the dropped pieces are ASCII
+    lines = (real.corpus / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()[:200]
+    assert sum(map(len, safe.encode(lines))) < 0.56 * sum(map(len, base.encode(lines)))
+
+
+def test_chinese_needs_about_half_the_tokens_and_round_trips(real):
+    base, merged = sp(real.base), sp(real.out / "default" / "tokenizer.model")
+    lines = (real.corpus / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()
+    ratio = sum(len(merged.encode(l)) for l in lines) / sum(len(base.encode(l)) for l in lines)
+    assert 0.45 < ratio < 0.55  # published: 407,293 / 801,975 = 0.508
+    for text in MIXED + ENGLISH + WITH_DIGITS:
+        assert merged.decode(merged.encode(text)) == text
+
+
+def test_pad_token_is_one_id_everywhere(real):
+    pad_dir = real.out / "pad"
+    s = sp(pad_dir / "tokenizer.model")
+    assert s.vocab_size() == 49954 and s.pad_id() == 49953 and s.is_control(49953)
+    assert 49953 not in s.encode("text with <pad> in it")  # never produced from text
+    from tokenizer.hf_files import special_tokens
+
+    assert special_tokens(pad_dir)["pad"] == {"id": 49953, "piece": "<pad>"}
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(pad_dir)
+    assert hf.pad_token_id == 49953 and len(hf) == 49954
+
+
+@pytest.mark.parametrize("use_fast", [True, False])
+def test_transformers_loads_the_merge_and_agrees(real, use_fast):
+    """transformers (5.x has one Llama tokenizer, on its `tokenizers` backend, whatever
+    use_fast says) loads every merge; with ranked scores it segments as sentencepiece does."""
+    transformers = pytest.importorskip("transformers")
+    lines = (real.corpus / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()[:200]
+    agree = {}
+    for name in ("default", "ranked"):
+        hf = transformers.AutoTokenizer.from_pretrained(real.out / name, use_fast=use_fast)
+        s = sp(real.out / name / "tokenizer.model")
+        assert len(hf) == s.vocab_size() and hf.bos_token_id == 1 and hf.eos_token_id == 2
+        agree[name] = sum(hf(l)["input_ids"] == [1] + s.encode(l) for l in lines) / len(lines)
+    hf = transformers.AutoTokenizer.from_pretrained(real.out / "ranked", use_fast=use_fast)
+    s = sp(real.out / "ranked" / "tokenizer.model")
+    for text in ENGLISH[:2] + WITH_DIGITS + MIXED[:2] + ["文本中的 <s> 不是特殊符号"]:
+        assert hf(text)["input_ids"] == [1] + s.encode(text), text
+    # score ties: the published merge's pieces all score 0, and the two libraries break
+    # ties differently; ranked scores remove the ties
+    assert agree["default"] < 0.3 and agree["ranked"] > 0.95
+
+
+def test_ranked_scores_keep_ids_english_and_compression(real):
+    base, pub, ranked = sp(real.base), sp(real.out / "default" / "tokenizer.model"), \
+        sp(real.out / "ranked" / "tokenizer.model")
+    digits_dropped = [pub.id_to_piece(i) for i in range(32000, pub.vocab_size())
+                      if not any(c.isdigit() for c in pub.id_to_piece(i))]
+    assert [ranked.id_to_piece(i) for i in range(32000, ranked.vocab_size())] == digits_dropped
+    report = json.loads((real.out / "ranked" / "merge_manifest.json").read_text())["report"]
+    assert report["english_words_changed"] == 0
+    lines = (real.corpus / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()
+    n_base, n_ranked = (sum(map(len, t.encode(lines))) for t in (base, ranked))
+    assert n_ranked / n_base < 0.54  # still about half (digits now split one by one, as in LLaMA)
+
+
+def test_reachability():
+    vocab = ["a", "b", "c", "ab", "abc", "bcd", "d", "xyz"]
+    assert reachable_pieces(vocab) == {"a", "b", "c", "d", "ab", "abc"}
+
+
+def run(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True)
+
+
+def test_train_then_merge_then_report(real, tmp_path):
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("\n".join((real.corpus / "lunyu.txt").read_text(encoding="utf-8").splitlines()[:300]),
+                      encoding="utf-8")
+    r = run("tokenizer.train", "--input", corpus, "--model_prefix", tmp_path / "zh", "--vocab_size",
+            "1500", "--model_type", "bpe", "--num_threads", "1")
+    assert r.returncode == 0, r.stderr
+    zh = proto(tmp_path / "zh.model")
+    assert zh.normalizer_spec.name == "identity" and zh.trainer_spec.split_digits
+    r = run("tokenizer.merge", "--llama_tokenizer_dir", real.base, "--chinese_sp_model_file",
+            tmp_path / "zh.model", "--output_dir", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "merged" / "merge_manifest.json").read_text())["report"]
+    assert report["with_digits"] == 0  # split_digits at training: nothing to defeat
+    assert report["unreachable"] == 0  # a BPE model's pieces all have merge chains
+    r = run("tokenizer.report", "--tokenizer", real.base, "--tokenizer", tmp_path / "merged",
+            "--input", corpus)
+    assert r.returncode == 0, r.stderr
+    assert "tokens / 1k chars" in r.stdout and r.stdout.count("×") >= 6
+
+
+def test_bad_input(real, tmp_path):
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"definitely not a protobuf \x00\xff")
+    r = run("tokenizer.merge", "--llama_tokenizer_dir", junk, "--chinese_sp_model_file", real.zh,
+            "--output_dir", tmp_path / "out")
+    assert r.returncode != 0 and "junk.model: not a sentencepiece model" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = run("tokenizer.train", "--input", empty, "--model_prefix", tmp_path / "zh")
+    assert r.returncode != 0 and "the corpus is empty" in r.stderr
+    assert not list(tmp_path.glob("zh*")) and not list(tmp_path.glob(".zh*"))
+    (tmp_path / "exists").mkdir()
+    r = run("tokenizer.merge", "--llama_tokenizer_dir", real.base, "--chinese_sp_model_file", real.zh,
+            "--output_dir", tmp_path / "exists")
+    assert r.returncode != 0 and "already exists" in r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

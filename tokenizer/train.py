@@ -1,0 +1,108 @@
+"""Train the Chinese sentencepiece model that `tokenizer.merge` adds to LLaMA's.
+
+    python -m tokenizer.train --input zh1.txt zh2.txt --model_prefix out/chinese_sp \\
+        [--vocab_size 20000] [--model_type unigram|bpe] [--character_coverage 0.9995] \\
+        [--input_sentence_size 10000000] [--num_threads N] [--overwrite]
+
+Defaults chosen for a model that is merged into LLaMA's tokenizer afterwards:
+  * identity normalisation and no removal of extra whitespace — LLaMA's own settings. The
+    merged tokenizer keeps LLaMA's (identity) normaliser, so pieces learnt on NFKC-folded
+    text (sentencepiece's default) would not match the raw text they meet at encoding
+    time; and llama.cpp tokenises without any normaliser, so identity keeps it equal
+    to sentencepiece.
+  * split_digits, as LLaMA: no piece holds a digit, so the merge cannot defeat LLaMA's
+    digit splitting.
+  * no byte fallback: the merged model inherits LLaMA's 256 byte pieces.
+  * character_coverage 0.9995 (the usual choice for CJK): the rarest characters are left
+    to LLaMA's byte fallback instead of taking vocabulary slots.
+  * large corpora are sampled: --input_sentence_size lines drawn at random (shuffled).
+`--model_type bpe` gives pieces that LLaMA's BPE encoder can always produce (every piece
+is the merge of two others); unigram pieces may not be (see tokenizer.merge).
+Writes P.model and P.vocab, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            raise FileNotFoundError(f"{pattern}: no such input file")
+        files += [Path(m) for m in matches]
+    if not any(f.stat().st_size > 0 for f in files):
+        raise ValueError(f"the corpus is empty: {', '.join(map(str, files))}")
+    return files
+
+
+def trainer_options(a: argparse.Namespace, prefix: str, inputs: list[Path]) -> dict:
+    return dict(
+        input=",".join(map(str, inputs)), model_prefix=prefix, vocab_size=a.vocab_size,
+        model_type=a.model_type, character_coverage=a.character_coverage,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, byte_fallback=False,
+        input_sentence_size=a.input_sentence_size, shuffle_input_sentence=True,
+        max_sentence_length=a.max_sentence_length, num_threads=a.num_threads,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # LLaMA's special ids
+    )
+
+
+def train(a: argparse.Namespace) -> Path:
+    """Train; return the path of the .model written."""
+    prefix = Path(a.model_prefix)
+    outputs = [prefix.with_name(prefix.name + ext) for ext in (".model", ".vocab")]
+    if any(o.exists() for o in outputs) and not a.overwrite:
+        raise FileExistsError(f"{outputs[0]} already exists (use --overwrite to replace it)")
+    inputs = expand_inputs(a.input)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix.name}.tmp-", dir=prefix.parent))
+    try:
+        try:
+            spm.SentencePieceTrainer.train(**trainer_options(a, str(tmp / prefix.name), inputs))
+        except RuntimeError as e:
+            raise ValueError(f"sentencepiece could not train on {', '.join(map(str, inputs))}: {e}") from None
+        for out in outputs:
+            os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return outputs[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tokenizer.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="text files (globs allowed), one sentence or document per line")
+    p.add_argument("--model_prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--vocab_size", type=int, default=20000)
+    p.add_argument("--model_type", choices=("unigram", "bpe"), default="unigram")
+    p.add_argument("--character_coverage", type=float, default=0.9995)
+    p.add_argument("--input_sentence_size", type=int, default=10_000_000,
+                   help="sample at most this many lines (0: all)")
+    p.add_argument("--max_sentence_length", type=int, default=16384, help="longest line used, in bytes")
+    p.add_argument("--num_threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    try:
+        model = train(a)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    print(f"wrote {model} ({sp.vocab_size()} pieces)")
+
+
+if __name__ == "__main__":
+    main()
