@@ -1,0 +1,253 @@
+"""Training batches from token directories: packed pretraining blocks and SFT samples.
+
+Both give `batches(batch_size)`: an endless iterator of dicts
+    tokens  LongTensor (batch, length)
+    labels  LongTensor (batch, length): labels[:, j] is the token to predict at position j
+            (tokens[:, j + 1]), or -100 where no loss is taken
+(+ segment_ids for packed SFT rows), shuffled per epoch with a seed, each rank reading
+its own disjoint share, and `state_dict()` / `load_state_dict()` that resume exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .shards import DataError, open_tokens, read_index, read_meta
+
+IGNORE_INDEX = -100
+
+
+class TokenStream:
+    """The concatenation of a directory's token files, read through memory maps."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.files = self.meta["files"]
+        sizes = [f["num_tokens"] for f in self.files]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # file i: [starts[i], starts[i+1])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start + length] of the stream (across file boundaries if need be).
+
+        The maps are opened per read: cheap, and no pages stay mapped between reads.
+        """
+        out, pos, end = [], start, start + length
+        while pos < end:
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            local = pos - int(self.starts[i])
+            take = min(end, int(self.starts[i + 1])) - pos
+            out.append(np.array(open_tokens(self.path, self.files[i], self.dtype)[local : local + take]))
+            pos += take
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def document_starts(self) -> np.ndarray:
+        """Global start offset of every document (int64)."""
+        parts = [read_index(self.path, f)[:-1].astype(np.int64) + int(s)
+                 for f, s in zip(self.files, self.starts[:-1])]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def rank_order(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool) -> np.ndarray:
+    """This rank's items for an epoch: a seeded permutation dealt round-robin, cut to equal
+    shares so every rank takes the same number of steps (at most world_size - 1 items,
+    different ones each epoch, sit an epoch out)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    per_rank = n // world_size
+    return order[rank::world_size][:per_rank]
+
+
+def shift_labels(tokens: np.ndarray, first_target: int = 0) -> np.ndarray:
+    """labels[j] = tokens[j + 1] for target positions j + 1 ≥ first_target; else -100."""
+    labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = tokens[1:]
+    labels[: max(first_target - 1, 0)] = IGNORE_INDEX
+    return labels
+
+
+class _Resumable:
+    """Epoch/position bookkeeping shared by both datasets."""
+
+    epoch: int
+    position: int
+
+    def _state(self, **fixed: Any) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, **fixed}
+
+    def _load(self, state: dict[str, Any], **fixed: Any) -> None:
+        for key, value in fixed.items():
+            if state.get(key) != value:
+                raise DataError(f"cannot resume: the data position was saved with {key}="
+                                f"{state.get(key)!r}, this run has {value!r}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class PackedBlocks(_Resumable):
+    """Fixed-length blocks over the token stream: block i = tokens[i·L : (i+1)·L].
+
+    A validation split is held out by whole documents: the tail of the stream from the
+    first document boundary at or after (1 - val_fraction) of the tokens. The trailing
+    partial block of each region is dropped.
+    """
+
+    def __init__(self, path: str | Path, block_size: int = 512, split: str = "train",
+                 val_fraction: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.stream = TokenStream(path)
+        self.block_size, self.split, self.seed = block_size, split, seed
+        self.rank, self.world_size = rank, world_size
+        boundary = len(self.stream)
+        if val_fraction > 0:
+            starts = self.stream.document_starts()
+            i = int(np.searchsorted(starts, int((1 - val_fraction) * len(self.stream))))
+            boundary = int(starts[i]) if i < len(starts) else len(self.stream)
+        self.region = (0, boundary) if split == "train" else (boundary, len(self.stream))
+        self.n_blocks = (self.region[1] - self.region[0]) // block_size
+        if self.n_blocks < world_size:
+            raise DataError(f"{path}: {self.n_blocks} {split} blocks of {block_size} tokens for "
+                            f"{world_size} ranks: not enough data")
+        self.epoch = self.position = 0
+
+    def __len__(self) -> int:
+        """Blocks per rank per epoch."""
+        return self.n_blocks // self.world_size
+
+    def block(self, i: int) -> np.ndarray:
+        return self.stream.read(self.region[0] + i * self.block_size, self.block_size)
+
+    def _next_indices(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            order = rank_order(self.n_blocks, self.seed, self.epoch, self.rank, self.world_size,
+                               shuffle=self.split == "train")
+            take = order[self.position : self.position + n - len(out)].tolist()
+            out += take
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches (train); for "val", one pass in order each call (the last batch
+        may be smaller)."""
+        if self.split == "val":
+            self.epoch = self.position = 0
+        while True:
+            if self.split == "val" and self.epoch > 0:
+                return
+            n = batch_size if self.split == "train" else min(batch_size, len(self) - self.position)
+            blocks = np.stack([self.block(i) for i in self._next_indices(n)]).astype(np.int64)
+            labels = np.stack([shift_labels(b) for b in blocks])
+            yield {"tokens": torch.from_numpy(blocks), "labels": torch.from_numpy(labels)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state(seed=self.seed, block_size=self.block_size, world_size=self.world_size,
+                           n_blocks=self.n_blocks)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load(state, seed=self.seed, block_size=self.block_size, world_size=self.world_size,
+                   n_blocks=self.n_blocks)
+
+
+class SFTDataset(_Resumable):
+    """Instruction samples with their prompt lengths; batches padded to the longest sample,
+    or (pack=True) several samples per row of max_seq_length, attention kept inside each."""
+
+    def __init__(self, path: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 pack: bool = False, max_seq_length: int | None = None) -> None:
+        self.stream = TokenStream(path)
+        if self.stream.meta["kind"] != "sft":
+            raise DataError(f"{path}: prepared as {self.stream.meta['kind']!r} data, not SFT "
+                            "(use `python -m data.prepare --sft`)")
+        self.starts = self.stream.document_starts()
+        self.lengths = np.diff(np.append(self.starts, len(self.stream)))
+        self.plens = np.concatenate([np.fromfile(self.stream.path / f["plen"], dtype="<u4")
+                                     for f in self.stream.files]).astype(np.int64)
+        self.seed, self.rank, self.world_size, self.pack = seed, rank, world_size, pack
+        self.max_seq_length = max_seq_length or self.stream.meta["options"]["max_seq_length"]
+        pad = self.stream.meta["special_ids"]["pad"]
+        # Any id would do when the tokenizer has no pad: padding sits after the sample (right
+        # padding), causal attention never lets real tokens see it, and its labels are -100.
+        self.pad_id = pad if pad >= 0 else 0
+        if len(self.starts) < world_size:
+            raise DataError(f"{path}: {len(self.starts)} samples for {world_size} ranks")
+        self.epoch = self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.starts) // self.world_size
+
+    def sample(self, i: int) -> tuple[np.ndarray, int]:
+        return self.stream.read(int(self.starts[i]), int(self.lengths[i])), int(self.plens[i])
+
+    def _next(self) -> int:
+        order = rank_order(len(self.starts), self.seed, self.epoch, self.rank, self.world_size, True)
+        i = int(order[self.position])
+        self.position += 1
+        if self.position >= len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+        return i
+
+    def _packed_row(self) -> list[tuple[np.ndarray, int]]:
+        """Whole samples for one row, up to max_seq_length tokens (always at least one)."""
+        row, used = [], 0
+        while True:
+            saved = (self.epoch, self.position)
+            tokens, plen = self.sample(self._next())
+            if row and used + len(tokens) > self.max_seq_length:
+                self.epoch, self.position = saved  # it starts the next row instead
+                return row
+            row.append((tokens, plen))
+            used += len(tokens)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            if self.pack:
+                yield collate_packed([self._packed_row() for _ in range(batch_size)], self.pad_id)
+            else:
+                yield collate([self.sample(self._next()) for _ in range(batch_size)], self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state(seed=self.seed, world_size=self.world_size, samples=len(self.starts),
+                           pack=self.pack)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load(state, seed=self.seed, world_size=self.world_size, samples=len(self.starts),
+                   pack=self.pack)
+
+
+def collate(samples: list[tuple[np.ndarray, int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample; labels only on response tokens (incl. EOS)."""
+    width = max(len(t) for t, _ in samples)
+    tokens = np.full((len(samples), width), pad_id, dtype=np.int64)
+    labels = np.full((len(samples), width), IGNORE_INDEX, dtype=np.int64)
+    for row, (t, plen) in enumerate(samples):
+        tokens[row, : len(t)] = t
+        labels[row, : len(t)] = shift_labels(t.astype(np.int64), plen)
+    return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
+
+
+def collate_packed(rows: list[list[tuple[np.ndarray, int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of several samples each; segment_ids number the samples in a row (padding gets
+    its own), so attention and positions stay inside each sample."""
+    width = max(sum(len(t) for t, _ in row) for row in rows)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    segments = np.full((len(rows), width), len(max(rows, key=len)), dtype=np.int64)
+    for r, row in enumerate(rows):
+        pos = 0
+        for s, (t, plen) in enumerate(row):
+            tokens[r, pos : pos + len(t)] = t
+            labels[r, pos : pos + len(t)] = shift_labels(t.astype(np.int64), plen)
+            segments[r, pos : pos + len(t)] = s
+            pos += len(t)
+    return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+            "segment_ids": torch.from_numpy(segments)}

@@ -1,0 +1,179 @@
+"""Tokenize once, in parallel, into memory-mapped token shards (see data/shards.py).
+
+Pretraining text — each line of a .txt, or the text field of each .jsonl line, is one
+document, stored as <s> + tokens + </s>:
+
+    python -m data.prepare --tokenizer T --input 'corpus/*.txt' --output_dir D \\
+        [--text_key text] [--num_workers N] [--no_bos] [--no_eos] [--errors strict|replace|skip]
+
+Instruction data — Alpaca JSON (a list) or JSON Lines, formatted with a prompt template;
+the loss mask covers the response (and its </s>) only:
+
+    python -m data.prepare --sft --template cla_v1 --tokenizer T --input alpaca.json \\
+        --output_dir D [--max_seq_length 512] [--field_map instruction=question,output=std_answer]
+
+Inputs are cut into units of about --chunk_mb (at line or record boundaries); each unit is
+tokenized by a worker into its own shard, so the output is byte-identical whatever
+--num_workers. Everything is written to a temporary directory renamed at the end, with
+meta.json last: an interrupted run never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tokenizer.spm_io import load_sp, resolve_model_file, sha256_file
+
+from . import sft as sft_prep
+from . import text as text_prep
+from .shards import FORMAT, FORMAT_VERSION, META, DataError, atomic_dir, dtype_for_vocab, read_meta
+
+
+def expand_inputs(patterns: list[str], suffixes: tuple[str, ...]) -> list[Path]:
+    """Files named or matched by the patterns, in order; globs sorted."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise DataError(f"{pattern}: no such input file")
+        for m in matches:
+            if not m.endswith(suffixes):
+                raise DataError(f"{m}: unsupported input type (expected {', '.join(suffixes)})")
+            files.append(Path(m))
+    return files
+
+
+def check_existing(out: Path, tokenizer_sha: str, overwrite: bool) -> None:
+    """Refuse to replace an output silently, and say so when it used another tokenizer."""
+    if not out.exists() or overwrite:
+        return
+    try:
+        meta = read_meta(out)
+    except DataError:
+        meta = None
+    if meta is not None and meta["tokenizer"]["sha256"] != tokenizer_sha:
+        raise DataError(f"{out} already exists and was made with another tokenizer ("
+                        f"{meta['tokenizer']['file']}, sha256 {meta['tokenizer']['sha256'][:12]}…); "
+                        "use another --output_dir, or --overwrite to replace it")
+    raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+
+
+def run_units(worker, units: list[Any], num_workers: int, total_bytes: int, desc: str) -> list[Any]:
+    """Run worker(unit) for every unit (in parallel), results in unit order, with progress."""
+    results: list[Any] = [None] * len(units)
+    with tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True,
+              disable=total_bytes < (1 << 22)) as bar:
+        if num_workers <= 1:
+            for i, unit in enumerate(units):
+                results[i] = worker(unit)
+                bar.update(unit.nbytes)
+            return results
+        ctx = multiprocessing.get_context("spawn")  # no inherited state, same on every OS
+        with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
+            futures = {pool.submit(worker, unit): i for i, unit in enumerate(units)}
+            for future, i in futures.items():
+                results[i] = future.result()  # a worker's DataError surfaces here
+                bar.update(units[i].nbytes)
+    return results
+
+
+def base_meta(kind: str, tokenizer: Path, sp, options: dict[str, Any]) -> dict[str, Any]:
+    specials = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+        "dtype": str(dtype_for_vocab(sp.vocab_size()).name), "vocab_size": sp.vocab_size(),
+        "tokenizer": {"file": tokenizer.name, "sha256": sha256_file(tokenizer)},
+        "special_ids": specials, "options": options,
+    }
+
+
+def finish(meta: dict[str, Any], results: list[dict[str, Any]], sources: list[Path], tmp: Path) -> None:
+    """Fill in counts and files, check there is something, write meta.json (last)."""
+    meta["files"] = [r["file"] for r in results]
+    meta["num_tokens"] = sum(r["file"]["num_tokens"] for r in results)
+    meta["num_documents"] = sum(r["file"]["num_documents"] for r in results)
+    skipped: dict[str, int] = {}
+    for r in results:
+        for k, v in r["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    meta["skipped"] = skipped
+    for key in ("truncated",):
+        if any(key in r for r in results):
+            meta[key] = sum(r.get(key, 0) for r in results)
+    meta["sources"] = [{"path": str(p), "bytes": p.stat().st_size} for p in sources]
+    if meta["num_documents"] == 0:
+        raise DataError(f"no documents in {', '.join(map(str, sources))} (skipped: {skipped})")
+    (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+
+def prepare(a: argparse.Namespace) -> dict[str, Any]:
+    """Run data preparation as the options say; return meta.json's content."""
+    tokenizer = resolve_model_file(a.tokenizer)
+    sp = load_sp(tokenizer)
+    out = Path(a.output_dir)
+    check_existing(out, sha256_file(tokenizer), a.overwrite)
+    mod = sft_prep if a.sft else text_prep
+    sources = expand_inputs(a.input, mod.SUFFIXES)
+    units = mod.plan_units(sources, a)
+    if not units:
+        raise DataError(f"the input is empty: {', '.join(map(str, sources))}")
+    with atomic_dir(out, a.overwrite) as tmp:
+        worker = mod.make_worker(tokenizer, tmp, a)
+        results = run_units(worker, units, a.num_workers, sum(u.nbytes for u in units),
+                            desc="tokenizing")
+        meta = base_meta("sft" if a.sft else "pretrain", tokenizer, sp, mod.options(a))
+        finish(meta, results, sources, tmp)
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="sentencepiece model (file or directory)")
+    p.add_argument("--input", nargs="+", required=True, help="files or globs")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--chunk_mb", type=float, default=64.0, help="input per work unit (MB)")
+    p.add_argument("--overwrite", action="store_true")
+    g = p.add_argument_group("pretraining text")
+    g.add_argument("--text_key", default="text", help="the text field of .jsonl lines")
+    g.add_argument("--no_bos", action="store_true", help="do not start documents with <s>")
+    g.add_argument("--no_eos", action="store_true", help="do not end documents with </s>")
+    g.add_argument("--errors", choices=("strict", "replace", "skip"), default="strict",
+                   help="undecodable UTF-8: stop (naming file and line), replace with U+FFFD, or "
+                        "skip the line; counts go to meta.json")
+    g = p.add_argument_group("instruction data (--sft)")
+    g.add_argument("--sft", action="store_true", help="prepare instruction data")
+    g.add_argument("--template", default="cla_v1", help="cla_v1 (default), alpaca, llama2_cla_v2")
+    g.add_argument("--max_seq_length", type=int, default=512)
+    g.add_argument("--field_map", default="",
+                   help="our=theirs pairs, e.g. instruction=question,output=std_answer; dotted "
+                        "paths reach nested fields (input=instances.0.input)")
+    g.add_argument("--system_prompt", help="for templates with a system prompt")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    try:
+        meta = prepare(a)
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    extra = f", {meta.get('truncated', 0)} truncated" if a.sft else ""
+    print(f"wrote {a.output_dir}: {meta['num_documents']:,} {'samples' if a.sft else 'documents'}, "
+          f"{meta['num_tokens']:,} tokens ({meta['dtype']}) in {len(meta['files'])} shard(s); "
+          f"skipped {meta['skipped'] or 'none'}{extra}")
+
+
+if __name__ == "__main__":
+    main()
