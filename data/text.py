@@ -64,38 +64,44 @@ def make_worker(tokenizer: Path, out_dir: Path, a: argparse.Namespace):
     return functools.partial(tokenize_unit, str(tokenizer), str(out_dir), options(a))
 
 
-def line_number(unit: Unit, offset_in_unit: int) -> int:
-    """1-based line number of a byte offset (computed only for error messages)."""
+def line_number(unit: Unit, index: int) -> int:
+    """1-based line number in the file of the unit's index-th line (for error messages)."""
     with open(unit.path, "rb") as f:
-        before = f.read(unit.start + offset_in_unit)
-    return before.count(b"\n") + 1
+        before = f.read(unit.start)
+    return before.count(b"\n") + index + 1
 
 
 def decode_lines(unit: Unit, raw: bytes, errors: str, skipped: dict[str, int]) -> list[tuple[int, str]]:
-    """(byte offset in unit, text) of every line, decoded as --errors says."""
-    lines, offset = [], 0
-    for line in raw.split(b"\n"):
-        start, offset = offset, offset + len(line) + 1
+    """(line index in the unit, text) of every line, decoded as --errors says."""
+    lines = raw.split(b"\n")
+    if raw.endswith(b"\n"):
+        lines.pop()  # the empty string after the final newline is not a line
+    try:  # the common case, decoded in one call
+        text = raw.decode("utf-8")
+        return list(enumerate(line.removesuffix("\r") for line in text.split("\n")[: len(lines)]))
+    except UnicodeDecodeError:
+        pass
+    out = []
+    for i, line in enumerate(lines):
         line = line.removesuffix(b"\r")
         try:
-            lines.append((start, line.decode("utf-8")))
+            out.append((i, line.decode("utf-8")))
         except UnicodeDecodeError as e:
             if errors == "strict":
-                raise DataError(f"{unit.path}:{line_number(unit, start)}: not valid UTF-8 "
+                raise DataError(f"{unit.path}:{line_number(unit, i)}: not valid UTF-8 "
                                 f"({e.reason} at byte {e.start}); use --errors replace or skip") from None
             skipped["undecodable_lines"] = skipped.get("undecodable_lines", 0) + 1
             if errors == "replace":
-                lines.append((start, line.decode("utf-8", errors="replace")))
-    if raw.endswith(b"\n"):
-        lines.pop()  # the empty string after the final newline is not a line
-    return lines
+                out.append((i, line.decode("utf-8", errors="replace")))
+    return out
 
 
 def documents(unit: Unit, lines: list[tuple[int, str]], text_key: str, skipped: dict[str, int]) -> list[str]:
     """The documents of a unit: each line of a .txt, the text field of each .jsonl line."""
     docs = []
+    is_jsonl = unit.path.suffix == ".jsonl"
     for offset, line in lines:
-        if unit.path.suffix == ".jsonl":
+        if is_jsonl:
             if not line.strip():
                 continue
             try:
