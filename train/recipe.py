@@ -1,104 +1,186 @@
-"""The recipe end to end at toy scale, on the embedded corpus (`make demo`).
+"""The whole Chinese-LLaMA recipe at toy scale, on the embedded corpus (`make demo`).
 
     python -m train.recipe --workdir runs/demo [--overwrite]
 
-Steps (each writes one folder under --workdir, the way a user's run would):
-  1. tokenizer/  a LLaMA-style sentencepiece tokenizer (BPE, byte fallback, split digits,
-                 identity normalisation) trained on the embedded English text;
-  2. base-meta/  a tiny LLaMA saved as Meta's 2-shard consolidated.NN.pth checkpoint:
-                 the stand-in for the checkpoint a user downloads;
-  3. base/       converted to the canonical model directory;
-  4. base-hf/    exported for Hugging Face, and read back: logits must be unchanged;
-  5. generation  from the model directory with the KV cache.
-Later stages (vocabulary merge, pretraining, LoRA, SFT, merge, GGUF) join as they land.
+Every step runs the same command a user would run on a real model, and leaves its output
+under --workdir:
+   1. tokenizer/     an English "LLaMA" tokenizer (BPE, byte fallback, split digits)
+   2. base-meta/     a tiny LLaMA, briefly trained on English, saved as Meta's 2 shards
+   3. zh-sp/         a Chinese sentencepiece model              (python -m tokenizer.train)
+   4. merged/        the merged vocabulary + pad token           (python -m tokenizer.merge)
+   5. base-zh/       embeddings grown, sub-token initialised      (python -m model.resize)
+   6. tokens/, sft/  pre-tokenized shards                         (python -m data.prepare)
+   7. stage1/        embeddings trained, transformer frozen       (train/pretrain.py)
+   8. stage2/        LoRA + embeddings                            (train/pretrain.py)
+   9. pretrained/    stage 2's adapter merged                     (python -m model.merge_lora)
+  10. sft/           instruction tuning with LoRA                 (train/sft.py)
+  11. final-*        merged and exported: Hugging Face, Meta .pth, GGUF
+  12. generation     with the instruction template                (python -m model.generate)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import sentencepiece as spm
-import torch
+from data.toy import chinese_documents, english_documents
 
-from data.toy import english_documents
-from model.checkpoint import from_state_dict, load_model
-from model.convert import convert
-from model.formats import read_checkpoint, write_meta
-from model.generate import SamplingConfig, generate_ids
-from model.llama import Transformer, named_args
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
 
-def train_base_tokenizer(workdir: Path, vocab_size: int = 400) -> Path:
-    """Train the toy base tokenizer with LLaMA's tokenizer settings."""
-    out = workdir / "tokenizer"
-    out.mkdir(parents=True)
-    corpus = out / "english.txt"
-    corpus.write_text("\n".join(english_documents()) + "\n", encoding="utf-8")
+def step(n: int, text: str) -> None:
+    print(f"[{n:2d}/12] {text}", flush=True)
+
+
+def python(*args: str, quiet: bool = True) -> str:
+    """Run one of the project's commands as its own process, as a user would."""
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"error: `{' '.join(args[:2])} …` failed:\n{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def write_corpora(work: Path) -> dict[str, Path]:
+    """English and Chinese text, and Alpaca-style instructions, from the embedded corpus."""
+    corpus = work / "corpus"
+    corpus.mkdir()
+    en, zh = english_documents(600, seed=1), chinese_documents(600, seed=2)
+    files = {"en": corpus / "english.txt", "zh": corpus / "chinese.txt", "sft": corpus / "alpaca.json"}
+    # Real LLaMA knows English well, the template's words included; so does our stand-in.
+    from data.templates import format_prompt
+
+    template = format_prompt("cla_v1", "Continue the story.").replace("\n", " ")
+    files["en"].write_text("\n".join(en + [template] * 200) + "\n", encoding="utf-8")
+    files["zh"].write_text("\n".join(zh + en[:150]) + "\n", encoding="utf-8")
+    records = [{"instruction": "请续写：" + d[:8], "input": "", "output": d[8:]} for d in zh[:300]]
+    records += [{"instruction": "Continue: " + d[:20], "input": "", "output": d[20:]} for d in en[:100]]
+    files["sft"].write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    return files
+
+
+def english_base(work: Path, files: dict[str, Path]) -> None:
+    """Steps 1–2: a small English LLaMA that stands in for Meta's checkpoint."""
+    import sentencepiece as spm
+
+    from model.checkpoint import from_state_dict
+    from model.formats import write_meta, write_model_dir
+    from model.llama import build_model, named_args
+
+    (work / "tokenizer").mkdir()
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        minloglevel=2, num_threads=1,
-    )
-    return out / "tokenizer.model"
+        input=str(files["en"]), model_prefix=str(work / "tokenizer" / "tokenizer"), vocab_size=600,
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=1.0, minloglevel=2, num_threads=1)
+    tok = work / "tokenizer" / "tokenizer.model"
+    args = named_args("tiny", vocab_size=600, dim=128, n_layers=4, max_seq_len=512)
+    write_model_dir(from_state_dict(build_model(args).state_dict(), args, tok), work / "random",
+                    progress=False)
+    python("-m", "data.prepare", "--tokenizer", str(tok), "--input", str(files["en"]),
+           "--output_dir", str(work / "en-tokens"), "--num_workers", "1")
+    python(str(Path(__file__).parent / "pretrain.py"), str(CONFIGS / "stage1.yaml"), "--stage=full",
+           f"--model.path={work / 'random'}", f"--data.path={work / 'en-tokens'}",
+           f"--output_dir={work / 'en-train'}", "--optim.max_steps=150", "--optim.lr=3e-3",
+           "--checkpoint.every=0", "--log.eval_every=0")
+    from model.formats import read_checkpoint
+
+    write_meta(read_checkpoint(work / "en-train" / "model"), work / "base-meta", n_shards=2,
+               progress=False)
 
 
-def make_base_checkpoint(workdir: Path, tokenizer: Path, seed: int) -> Transformer:
-    """A random tiny LLaMA, saved in Meta's 2-shard layout with its tokenizer."""
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    args = named_args("tiny", vocab_size=sp.vocab_size())
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    model.init_weights(std=0.1)
-    write_meta(from_state_dict(model.state_dict(), args, tokenizer=tokenizer),
-               workdir / "base-meta", n_shards=2, progress=False)
-    return model.eval()
+def chinese_vocabulary(work: Path, files: dict[str, Path]) -> None:
+    """Steps 3–5: train, merge, resize."""
+    python("-m", "tokenizer.train", "--input", str(files["zh"]), "--model_prefix",
+           str(work / "zh-sp" / "chinese_sp"), "--vocab_size", "200", "--num_threads", "1")
+    out = python("-m", "tokenizer.merge", "--llama_tokenizer_dir", str(work / "tokenizer"),
+                 "--chinese_sp_model_file", str(work / "zh-sp" / "chinese_sp.model"),
+                 "--output_dir", str(work / "merged"), "--add_pad_token")
+    print("        " + out.strip().splitlines()[1])
+    python("-m", "model.convert", str(work / "base-meta"), str(work / "base"), "--to", "zhllama",
+           "--no_progress")
+    python("-m", "model.resize", str(work / "base"), "--tokenizer", str(work / "merged"),
+           "--output", str(work / "base-zh"), "--init", "subtoken", "--no_progress")
 
 
-def check_round_trip(original: Transformer, hf_dir: Path) -> float:
-    """Max |logit difference| between the original model and the one read from hf_dir."""
-    reloaded = load_model(read_checkpoint(hf_dir, progress=False)).eval()
-    tokens = torch.randint(0, original.args.vocab_size, (2, 32))
-    with torch.no_grad():
-        return float((original(tokens) - reloaded(tokens)).abs().max())
+def train_stages(work: Path, files: dict[str, Path]) -> None:
+    """Steps 6–10: data, stage 1, stage 2 (merged), SFT."""
+    tok = str(work / "merged")
+    python("-m", "data.prepare", "--tokenizer", tok, "--input", str(files["zh"]), "--output_dir",
+           str(work / "tokens"), "--num_workers", "1")
+    python("-m", "data.prepare", "--sft", "--tokenizer", tok, "--input", str(files["sft"]),
+           "--output_dir", str(work / "sft-data"), "--max_seq_length", "256", "--num_workers", "1")
+    step(7, "stage 1: embeddings")
+    python(str(Path(__file__).parent / "pretrain.py"), str(CONFIGS / "stage1.yaml"),
+           f"--model.path={work / 'base-zh'}", f"--data.path={work / 'tokens'}",
+           f"--output_dir={work / 'stage1'}")
+    step(8, "stage 2: LoRA + embeddings")
+    python(str(Path(__file__).parent / "pretrain.py"), str(CONFIGS / "stage2.yaml"),
+           f"--model.path={work / 'stage1' / 'model'}", f"--data.path={work / 'tokens'}",
+           f"--output_dir={work / 'stage2'}")
+    step(9, "merge stage 2's adapter")
+    python("-m", "model.merge_lora", "--base_model", str(work / "stage1" / "model"), "--lora_model",
+           str(work / "stage2" / "adapter"), "--output_type", "zhllama", "--output_dir",
+           str(work / "pretrained"), "--no_progress")
+    step(10, "instruction tuning (LoRA)")
+    python(str(Path(__file__).parent / "sft.py"), str(CONFIGS / "sft.yaml"),
+           f"--model.path={work / 'pretrained'}", f"--data.path={work / 'sft-data'}",
+           f"--output_dir={work / 'sft'}")
 
 
-def sample_text(model_dir: Path, max_new_tokens: int = 24) -> str:
-    ckpt = read_checkpoint(model_dir, progress=False)
-    sp = spm.SentencePieceProcessor(model_file=str(ckpt.tokenizer))
-    model = load_model(ckpt).eval()
-    prompt = [sp.bos_id()] + sp.encode("One day, Lily")
-    ids = generate_ids(model, prompt, max_new_tokens, SamplingConfig(temperature=0),
-                       stop_ids=(sp.eos_id(),))
-    return sp.decode(prompt[1:] + list(ids))
+def ship(work: Path) -> None:
+    """Step 11: merge the SFT adapter and export everywhere."""
+    adapter = str(work / "sft" / "adapter")
+    for out_type, out in (("zhllama", "final"), ("huggingface", "final-hf"), ("pth", "final-meta")):
+        python("-m", "model.merge_lora", "--base_model", str(work / "pretrained"), "--lora_model",
+               adapter, "--output_type", out_type, "--output_dir", str(work / out),
+               "--shards", "2" if out_type == "pth" else "1", "--pad_vocab_to_multiple_of", "64",
+               "--no_progress")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        print("        (gguf not installed: skipping the GGUF export; pip install 'zhllama[gguf]')")
+        return
+    python("-m", "model.convert", str(work / "final"), str(work / "final.gguf"), "--to", "gguf",
+           "--dtype", "f32", "--no_progress")
 
 
-def run(workdir: Path, overwrite: bool = False, seed: int = 0) -> None:
-    if workdir.exists():
+def losses(run_dir: Path) -> str:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in rows if "loss" in r]
+    return f"loss {train[0]:.2f} -> {train[-1]:.2f}"
+
+
+def run(work: Path, overwrite: bool = False) -> None:
+    if work.exists():
         if not overwrite:
-            raise SystemExit(f"error: {workdir} already exists (use --overwrite to replace it)")
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+            raise SystemExit(f"error: {work} already exists (use --overwrite to replace it)")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     t0 = time.perf_counter()
-    tok = train_base_tokenizer(workdir)
-    print(f"[1/5] tokenizer: {spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()} "
-          f"pieces -> {tok}")
-    model = make_base_checkpoint(workdir, tok, seed)
-    print(f"[2/5] base checkpoint (Meta, 2 shards) -> {workdir / 'base-meta'}")
-    convert(workdir / "base-meta", workdir / "base", "zhllama", progress=False)
-    print(f"[3/5] canonical model directory -> {workdir / 'base'}")
-    convert(workdir / "base", workdir / "base-hf", "hf", progress=False)
-    diff = check_round_trip(model, workdir / "base-hf")
-    print(f"[4/5] Hugging Face export -> {workdir / 'base-hf'} (max logit change after "
-          f"Meta -> zhllama -> HF -> model: {diff:.1e})")
-    if diff > 1e-5:
-        raise SystemExit(f"error: the conversions changed the logits by {diff}")
-    print(f"[5/5] greedy generation (random weights, so no sense yet): {sample_text(workdir / 'base')!r}")
-    print(f"done in {time.perf_counter() - t0:.1f} s; outputs in {workdir}")
+    files = write_corpora(work)
+    step(1, "English tokenizer and a tiny English LLaMA (the stand-in for Meta's)")
+    english_base(work, files)
+    step(2, f"base checkpoint as Meta's 2 shards -> {work / 'base-meta'} ({losses(work / 'en-train')})")
+    step(3, "Chinese tokenizer, merged into the base's (+ pad), embeddings resized")
+    chinese_vocabulary(work, files)
+    step(6, "pre-tokenized shards (pretraining text and instruction data)")
+    train_stages(work, files)
+    print(f"        stage 1 {losses(work / 'stage1')}; stage 2 {losses(work / 'stage2')}; "
+          f"SFT {losses(work / 'sft')}")
+    step(11, "merged and exported: Hugging Face, Meta .pth (2 shards), GGUF")
+    ship(work)
+    from data.templates import format_prompt
+
+    prompt = format_prompt("cla_v1", "请续写：有一天，小明在")
+    out = python("-m", "model.generate", str(work / "final"), "--prompt", prompt,
+                 "--temperature", "0", "--max_new_tokens", "40")
+    step(12, f"generation: {out[len(prompt):].strip()!r}")
+    print(f"done in {time.perf_counter() - t0:.0f} s; everything is under {work}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,9 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="where every step writes (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace --workdir if it exists")
-    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    run(Path(a.workdir), a.overwrite, a.seed)
+    run(Path(a.workdir), a.overwrite)
 
 
 if __name__ == "__main__":
