@@ -22,31 +22,51 @@ IGNORE_INDEX = -100
 
 
 class TokenStream:
-    """The concatenation of a directory's token files, read through memory maps."""
+    """The concatenation of a directory's token files, read through memory maps.
 
-    def __init__(self, path: str | Path) -> None:
+    Maps stay open between reads (opening one costs more than reading a block from it)
+    and are all dropped after every `release_bytes` read: a mapped page stays in the
+    process's resident set until its mapping goes away, so holding them for good would
+    make a long run look as if it held the whole dataset in memory.
+    """
+
+    def __init__(self, path: str | Path, release_bytes: int = 64 << 20) -> None:
         self.path = Path(path)
         self.meta = read_meta(self.path)
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.files = self.meta["files"]
         sizes = [f["num_tokens"] for f in self.files]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # file i: [starts[i], starts[i+1])
+        self.release_bytes = release_bytes
+        self._maps: dict[int, np.ndarray] = {}
+        self._read_bytes = 0
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def read(self, start: int, length: int) -> np.ndarray:
-        """tokens[start : start + length] of the stream (across file boundaries if need be).
+    def _map(self, i: int) -> np.ndarray:
+        if i not in self._maps:
+            # a plain ndarray view slices faster than np.memmap and keeps the mapping alive
+            self._maps[i] = open_tokens(self.path, self.files[i], self.dtype).view(np.ndarray)
+        return self._maps[i]
 
-        The maps are opened per read: cheap, and no pages stay mapped between reads.
-        """
+    def read(self, start: int, length: int) -> np.ndarray:
+        """A copy of tokens[start : start + length] of the stream, across files if need be."""
+        if start < 0 or length < 0 or start + length > len(self):
+            raise IndexError(f"{self.path}: tokens [{start}, {start + length}) outside [0, {len(self)})")
         out, pos, end = [], start, start + length
         while pos < end:
-            i = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # empty files are skipped
             local = pos - int(self.starts[i])
             take = min(end, int(self.starts[i + 1])) - pos
-            out.append(np.array(open_tokens(self.path, self.files[i], self.dtype)[local : local + take]))
+            out.append(np.array(self._map(i)[local : local + take]))
             pos += take
+        self._read_bytes += length * self.dtype.itemsize
+        if self._read_bytes >= self.release_bytes:
+            self._maps.clear()
+            self._read_bytes = 0
+        if not out:
+            return np.zeros(0, self.dtype)
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def document_starts(self) -> np.ndarray:
@@ -78,6 +98,17 @@ class _Resumable:
 
     epoch: int
     position: int
+    seed: int
+    rank: int
+    world_size: int
+    _cached_order: tuple[tuple[int, int, bool], np.ndarray] | None = None
+
+    def _orders(self, n: int, epoch: int, shuffle: bool) -> np.ndarray:
+        """This rank's items of `epoch` (`rank_order`), computed once per epoch, not per step."""
+        key = (n, epoch, shuffle)
+        if self._cached_order is None or self._cached_order[0] != key:
+            self._cached_order = (key, rank_order(n, self.seed, epoch, self.rank, self.world_size, shuffle))
+        return self._cached_order[1]
 
     def _state(self, **fixed: Any) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, **fixed}
@@ -90,18 +121,32 @@ class _Resumable:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+def check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world_size {world_size}: need 0 <= rank < world_size")
+
+
 class PackedBlocks(_Resumable):
     """Fixed-length blocks over the token stream: block i = tokens[i·L : (i+1)·L].
 
     A validation split is held out by whole documents: the tail of the stream from the
     first document boundary at or after (1 - val_fraction) of the tokens. The trailing
-    partial block of each region is dropped.
+    partial block of each region is dropped. Each epoch, the region's blocks are shuffled
+    with `default_rng([seed, epoch])` and dealt round-robin to the ranks, every rank taking
+    n_blocks // world_size of them: the last n_blocks % world_size blocks of that epoch's
+    permutation (different ones each epoch) sit the epoch out, so that every rank takes the
+    same number of steps.
     """
 
     def __init__(self, path: str | Path, block_size: int = 512, split: str = "train",
                  val_fraction: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {block_size}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_rank(rank, world_size)
         self.stream = TokenStream(path)
         self.block_size, self.split, self.seed = block_size, split, seed
         self.rank, self.world_size = rank, world_size
@@ -114,7 +159,9 @@ class PackedBlocks(_Resumable):
         self.n_blocks = (self.region[1] - self.region[0]) // block_size
         if self.n_blocks < world_size:
             raise DataError(f"{path}: {self.n_blocks} {split} blocks of {block_size} tokens for "
-                            f"{world_size} ranks: not enough data")
+                            f"{world_size} rank(s): not enough data"
+                            + (" (no validation split: val_fraction is 0)" if split == "val" and
+                               not val_fraction else ""))
         self.epoch = self.position = 0
 
     def __len__(self) -> int:
@@ -122,13 +169,29 @@ class PackedBlocks(_Resumable):
         return self.n_blocks // self.world_size
 
     def block(self, i: int) -> np.ndarray:
+        """Block i of this split's region, (block_size,) in the file's dtype."""
         return self.stream.read(self.region[0] + i * self.block_size, self.block_size)
 
+    def _order(self, epoch: int) -> np.ndarray:
+        return self._orders(self.n_blocks, epoch, shuffle=self.split == "train")
+
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        tokens = np.stack([self.block(i) for i in indices]).astype(np.int64)  # (B, L)
+        labels = np.full_like(tokens, IGNORE_INDEX)  # (B, L); the last position has no target
+        labels[:, :-1] = tokens[:, 1:]
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
+
+    def iter_epoch(self, batch_size: int, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over this rank's blocks of `epoch` (for validation); the last batch may
+        be smaller. Does not move the position that `state_dict` saves."""
+        order = self._order(epoch).tolist()
+        for i in range(0, len(order), batch_size):
+            yield self._batch(order[i : i + batch_size])
+
     def _next_indices(self, n: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < n:
-            order = rank_order(self.n_blocks, self.seed, self.epoch, self.rank, self.world_size,
-                               shuffle=self.split == "train")
+            order = self._order(self.epoch)
             take = order[self.position : self.position + n - len(out)].tolist()
             out += take
             self.position += len(take)
@@ -137,25 +200,26 @@ class PackedBlocks(_Resumable):
         return out
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless batches (train); for "val", one pass in order each call (the last batch
-        may be smaller)."""
+        """Train: endless batches from the saved position, across epochs (a batch may span
+        two). Val: one pass in order (`iter_epoch`)."""
         if self.split == "val":
-            self.epoch = self.position = 0
+            yield from self.iter_epoch(batch_size)
+            return
         while True:
-            if self.split == "val" and self.epoch > 0:
-                return
-            n = batch_size if self.split == "train" else min(batch_size, len(self) - self.position)
-            blocks = np.stack([self.block(i) for i in self._next_indices(n)]).astype(np.int64)
-            labels = np.stack([shift_labels(b) for b in blocks])
-            yield {"tokens": torch.from_numpy(blocks), "labels": torch.from_numpy(labels)}
+            yield self._batch(self._next_indices(batch_size))
 
     def state_dict(self) -> dict[str, Any]:
-        return self._state(seed=self.seed, block_size=self.block_size, world_size=self.world_size,
-                           n_blocks=self.n_blocks)
+        return self._state(**self._fixed())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load(state, seed=self.seed, block_size=self.block_size, world_size=self.world_size,
-                   n_blocks=self.n_blocks)
+        """Resume where `state_dict` was taken; refuses a state from another setup (seed,
+        block size, world size, split, data). Any rank may load any rank's state: all ranks
+        are at the same position."""
+        self._load(state, **self._fixed())
+
+    def _fixed(self) -> dict[str, Any]:
+        return {"seed": self.seed, "block_size": self.block_size, "world_size": self.world_size,
+                "split": self.split, "n_blocks": self.n_blocks}
 
 
 class SFTDataset(_Resumable):
@@ -164,6 +228,7 @@ class SFTDataset(_Resumable):
 
     def __init__(self, path: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1,
                  pack: bool = False, max_seq_length: int | None = None) -> None:
+        check_rank(rank, world_size)
         self.stream = TokenStream(path)
         if self.stream.meta["kind"] != "sft":
             raise DataError(f"{path}: prepared as {self.stream.meta['kind']!r} data, not SFT "
@@ -189,7 +254,7 @@ class SFTDataset(_Resumable):
         return self.stream.read(int(self.starts[i]), int(self.lengths[i])), int(self.plens[i])
 
     def _next(self) -> int:
-        order = rank_order(len(self.starts), self.seed, self.epoch, self.rank, self.world_size, True)
+        order = self._orders(len(self.starts), self.epoch, shuffle=True)
         i = int(order[self.position])
         self.position += 1
         if self.position >= len(order):

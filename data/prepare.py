@@ -26,26 +26,35 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from tokenizer.spm_io import load_sp, resolve_model_file, sha256_file
+from tokenizer.files import atomic_output_dir, sha256_file
+from tokenizer.spm_io import load_sp, resolve_model_file
 
 from . import sft as sft_prep
 from . import text as text_prep
-from .shards import FORMAT, FORMAT_VERSION, META, DataError, atomic_dir, dtype_for_vocab, read_meta
+from .shards import FORMAT, FORMAT_VERSION, META, DataError, dtype_for_vocab, read_meta
+from .templates import TEMPLATES
 
 
 def expand_inputs(patterns: list[str], suffixes: tuple[str, ...]) -> list[Path]:
-    """Files named or matched by the patterns, in order; globs sorted."""
+    """Files named or matched by the patterns, in order; each glob's matches sorted."""
     files = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        matches = [m for m in matches if Path(m).is_file()]
-        if not matches:
+        if any(c in pattern for c in "*?["):
+            matches = [m for m in sorted(glob.glob(pattern)) if Path(m).is_file()]
+            if not matches:
+                raise DataError(f"{pattern}: matches no file")
+        elif Path(pattern).is_dir():
+            raise DataError(f"{pattern}: is a directory (give files, or a glob such as {pattern}/*.txt)")
+        elif not Path(pattern).is_file():
             raise DataError(f"{pattern}: no such input file")
+        else:
+            matches = [pattern]
         for m in matches:
             if not m.endswith(suffixes):
                 raise DataError(f"{m}: unsupported input type (expected {', '.join(suffixes)})")
@@ -69,22 +78,32 @@ def check_existing(out: Path, tokenizer_sha: str, overwrite: bool) -> None:
 
 
 def run_units(worker, units: list[Any], num_workers: int, total_bytes: int, desc: str) -> list[Any]:
-    """Run worker(unit) for every unit (in parallel), results in unit order, with progress."""
-    results: list[Any] = [None] * len(units)
+    """Run worker(unit) for every unit (in parallel), results in unit order, with progress.
+
+    The first failing unit in unit order is reported (the same one whatever the number of
+    workers), and units not yet started are cancelled rather than run for nothing.
+    """
     with tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True,
               disable=total_bytes < (1 << 22)) as bar:
-        if num_workers <= 1:
-            for i, unit in enumerate(units):
-                results[i] = worker(unit)
+        if num_workers <= 1 or len(units) <= 1:  # no process start-up for nothing
+            results = []
+            for unit in units:
+                results.append(worker(unit))
                 bar.update(unit.nbytes)
             return results
         ctx = multiprocessing.get_context("spawn")  # no inherited state, same on every OS
-        with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
-            futures = {pool.submit(worker, unit): i for i, unit in enumerate(units)}
-            for future, i in futures.items():
-                results[i] = future.result()  # a worker's DataError surfaces here
-                bar.update(units[i].nbytes)
-    return results
+        pool = ProcessPoolExecutor(max_workers=min(num_workers, len(units)), mp_context=ctx)
+        try:
+            futures = [pool.submit(worker, unit) for unit in units]
+            for future, unit in zip(futures, units):
+                future.result()  # a worker's DataError surfaces here, in unit order
+                bar.update(unit.nbytes)
+            return [f.result() for f in futures]
+        except BrokenProcessPool:
+            raise DataError("a worker process died (out of memory? try fewer --num_workers "
+                            "or a smaller --chunk_mb)") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def base_meta(kind: str, tokenizer: Path, sp, options: dict[str, Any]) -> dict[str, Any]:
@@ -97,42 +116,60 @@ def base_meta(kind: str, tokenizer: Path, sp, options: dict[str, Any]) -> dict[s
     }
 
 
-def finish(meta: dict[str, Any], results: list[dict[str, Any]], sources: list[Path], tmp: Path) -> None:
+def finish(meta: dict[str, Any], results: list[dict[str, Any]], skipped: dict[str, int],
+           sources: list[Path], tmp: Path) -> None:
     """Fill in counts and files, check there is something, write meta.json (last)."""
     meta["files"] = [r["file"] for r in results]
     meta["num_tokens"] = sum(r["file"]["num_tokens"] for r in results)
     meta["num_documents"] = sum(r["file"]["num_documents"] for r in results)
-    skipped: dict[str, int] = {}
+    skipped = dict(skipped)
     for r in results:
         for k, v in r["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
-    meta["skipped"] = skipped
-    for key in ("truncated",):
-        if any(key in r for r in results):
-            meta[key] = sum(r.get(key, 0) for r in results)
+    meta["skipped"] = dict(sorted(skipped.items()))
+    if meta["kind"] == "sft":
+        meta["truncated"] = sum(r["truncated"] for r in results)
     meta["sources"] = [{"path": str(p), "bytes": p.stat().st_size} for p in sources]
     if meta["num_documents"] == 0:
-        raise DataError(f"no documents in {', '.join(map(str, sources))} (skipped: {skipped})")
-    (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        what = f" (skipped: {', '.join(f'{v} {k}' for k, v in skipped.items())})" if skipped else ""
+        raise DataError(f"no documents in {', '.join(map(str, sources))}{what}")
+    (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_options(a: argparse.Namespace) -> None:
+    if a.num_workers < 1:
+        raise DataError(f"--num_workers must be at least 1, got {a.num_workers}")
+    if not a.chunk_mb > 0:
+        raise DataError(f"--chunk_mb must be positive, got {a.chunk_mb}")
+    if a.sft and a.max_seq_length < 2:
+        raise DataError(f"--max_seq_length must be at least 2, got {a.max_seq_length}")
 
 
 def prepare(a: argparse.Namespace) -> dict[str, Any]:
-    """Run data preparation as the options say; return meta.json's content."""
+    """Run data preparation as the options say (see `build_parser`).
+
+    Returns:
+        The content of the meta.json written.
+
+    Raises:
+        DataError: bad input or options; FileExistsError: the output exists.
+    """
+    check_options(a)
     tokenizer = resolve_model_file(a.tokenizer)
     sp = load_sp(tokenizer)
     out = Path(a.output_dir)
     check_existing(out, sha256_file(tokenizer), a.overwrite)
     mod = sft_prep if a.sft else text_prep
     sources = expand_inputs(a.input, mod.SUFFIXES)
-    units = mod.plan_units(sources, a)
-    if not units:
+    units, skipped = mod.plan_units(sources, a)
+    if not units and not skipped:
         raise DataError(f"the input is empty: {', '.join(map(str, sources))}")
-    with atomic_dir(out, a.overwrite) as tmp:
+    with atomic_output_dir(out, a.overwrite) as tmp:
         worker = mod.make_worker(tokenizer, tmp, a)
         results = run_units(worker, units, a.num_workers, sum(u.nbytes for u in units),
                             desc="tokenizing")
         meta = base_meta("sft" if a.sft else "pretrain", tokenizer, sp, mod.options(a))
-        finish(meta, results, sources, tmp)
+        finish(meta, results, skipped, sources, tmp)
     return meta
 
 
@@ -140,13 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="sentencepiece model (file or directory)")
-    p.add_argument("--input", nargs="+", required=True, help="files or globs")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--chunk_mb", type=float, default=64.0, help="input per work unit (MB)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files or globs (quoted), in order: .txt/.jsonl, or .json/.jsonl with --sft")
+    p.add_argument("--output_dir", required=True, help="token directory to write (must not exist)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="tokenizing processes (default: CPU count, at most 8); the output is the "
+                        "same for any number")
+    p.add_argument("--chunk_mb", type=float, default=64.0,
+                   help="input per work unit and token file, in MB (default 64)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output_dir if it exists")
     g = p.add_argument_group("pretraining text")
-    g.add_argument("--text_key", default="text", help="the text field of .jsonl lines")
+    g.add_argument("--text_key", default="text", help="the text field of .jsonl lines (default text)")
     g.add_argument("--no_bos", action="store_true", help="do not start documents with <s>")
     g.add_argument("--no_eos", action="store_true", help="do not end documents with </s>")
     g.add_argument("--errors", choices=("strict", "replace", "skip"), default="strict",
@@ -154,12 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "skip the line; counts go to meta.json")
     g = p.add_argument_group("instruction data (--sft)")
     g.add_argument("--sft", action="store_true", help="prepare instruction data")
-    g.add_argument("--template", default="cla_v1", help="cla_v1 (default), alpaca, llama2_cla_v2")
-    g.add_argument("--max_seq_length", type=int, default=512)
+    g.add_argument("--template", default="cla_v1", choices=tuple(TEMPLATES),
+                   help="prompt template (default cla_v1, Chinese-Alpaca's)")
+    g.add_argument("--max_seq_length", type=int, default=512,
+                   help="longest sample in tokens; longer ones are shortened, keeping EOS (default 512)")
     g.add_argument("--field_map", default="",
                    help="our=theirs pairs, e.g. instruction=question,output=std_answer; dotted "
                         "paths reach nested fields (input=instances.0.input)")
-    g.add_argument("--system_prompt", help="for templates with a system prompt")
+    g.add_argument("--system_prompt", help="for templates with a system prompt (default: the template's)")
     return p
 
 
@@ -167,12 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     try:
         meta = prepare(a)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (DataError, OSError, ValueError) as e:  # OSError: unreadable input, full disk…
         raise SystemExit(f"error: {e}") from None
-    extra = f", {meta.get('truncated', 0)} truncated" if a.sft else ""
+    skipped = ", ".join(f"{v:,} {k}" for k, v in meta["skipped"].items()) or "none"
+    extra = f"; {meta['truncated']:,} truncated" if a.sft else ""
     print(f"wrote {a.output_dir}: {meta['num_documents']:,} {'samples' if a.sft else 'documents'}, "
-          f"{meta['num_tokens']:,} tokens ({meta['dtype']}) in {len(meta['files'])} shard(s); "
-          f"skipped {meta['skipped'] or 'none'}{extra}")
+          f"{meta['num_tokens']:,} tokens ({meta['dtype']}) in {len(meta['files'])} file(s); "
+          f"skipped: {skipped}{extra}")
 
 
 if __name__ == "__main__":

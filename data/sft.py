@@ -1,5 +1,10 @@
 """Instruction data → token shards with prompt lengths: reading records, formatting,
-truncating without losing EOS, and tokenizing one unit of records."""
+truncating without losing EOS, and tokenizing one unit of records.
+
+A sample is source + target: source = BOS + the formatted prompt, target = the response
++ EOS, each tokenized on its own (as Chinese-LLaMA-Alpaca does), so the boundary between
+them is exact. The loss covers the target only; each sample's source length is stored.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from tokenizer.spm_io import load_sp
-
-from .shards import DataError, dtype_for_vocab, shard_names
+from .shards import DataError, ShardWriter, dtype_for_vocab
 from .templates import TEMPLATES, format_prompt
-from .text import pack_documents
+from .text import processor
 
 SUFFIXES = (".json", ".jsonl")
 FIELDS = ("instruction", "input", "output")
@@ -37,8 +40,9 @@ class Unit:
     records: tuple[Record, ...]
 
     @property
-    def nbytes(self) -> int:
-        return sum(len(r.instruction) + len(r.input) + len(r.output) for r in self.records)
+    def nbytes(self) -> int:  # for the progress bar
+        return sum(len(r.instruction.encode()) + len(r.input.encode()) + len(r.output.encode())
+                   for r in self.records)
 
 
 def parse_field_map(text: str) -> dict[str, str]:
@@ -46,9 +50,9 @@ def parse_field_map(text: str) -> dict[str, str]:
     mapping = {f: f for f in FIELDS}
     for pair in filter(None, (p.strip() for p in text.split(","))):
         ours, sep, theirs = pair.partition("=")
-        if not sep or ours not in FIELDS or not theirs:
+        if not sep or ours.strip() not in FIELDS or not theirs.strip():
             raise DataError(f"--field_map: {pair!r} is not one of {', '.join(FIELDS)}=FIELD")
-        mapping[ours] = theirs
+        mapping[ours.strip()] = theirs.strip()
     return mapping
 
 
@@ -56,8 +60,8 @@ def lookup(record: Any, path: str) -> Any:
     """A dotted path into nested dicts and lists ('instances.0.input'); None if absent."""
     node = record
     for part in path.split("."):
-        if isinstance(node, dict):
-            node = node.get(part)
+        if isinstance(node, dict) and part in node:
+            node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
@@ -65,9 +69,19 @@ def lookup(record: Any, path: str) -> Any:
     return node
 
 
+def read_text(path: Path) -> str:
+    """The file as text (a UTF-8 BOM dropped), or one DataError naming the bad line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+
+
 def raw_records(path: Path) -> list[tuple[str, Any]]:
     """(location, object) of every record in an Alpaca JSON list or a JSON Lines file."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -77,7 +91,8 @@ def raw_records(path: Path) -> list[tuple[str, Any]]:
             raise DataError(f"{path}: expected a JSON list of records (Alpaca format)")
         return [(f"{path} record {i}", r) for i, r in enumerate(data)]
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other "line breaks"
+    for lineno, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 out.append((f"{path}:{lineno}", json.loads(line)))
@@ -87,34 +102,37 @@ def raw_records(path: Path) -> list[tuple[str, Any]]:
 
 
 def read_records(path: Path, fields: dict[str, str], skipped: dict[str, int]) -> list[Record]:
+    """The usable records of one file; those with an empty instruction or no response are
+    counted in `skipped`."""
     records = []
     for where, raw in raw_records(path):
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
         values = {f: lookup(raw, fields[f]) for f in FIELDS}
-        if not isinstance(values["instruction"], str) or not values["instruction"].strip():
-            raise DataError(f"{where}: no {fields['instruction']!r} field (map it with --field_map)")
-        for f in ("input", "output"):
+        for f in FIELDS:
             if values[f] is not None and not isinstance(values[f], str):
                 raise DataError(f"{where}: field {fields[f]!r} is {type(values[f]).__name__}, not text")
-        if not values["output"] or not values["output"].strip():
-            skipped["no_response"] = skipped.get("no_response", 0) + 1
+        if values["instruction"] is None:
+            raise DataError(f"{where}: no {fields['instruction']!r} field (map it with --field_map)")
+        # A missing field means a wrong --field_map (stop); an empty one, a bad record (skip).
+        empty = [k for k, f in (("no_instruction", "instruction"), ("no_response", "output"))
+                 if not (values[f] or "").strip()]
+        if empty:
+            skipped[empty[0]] = skipped.get(empty[0], 0) + 1
             continue
         records.append(Record(where, values["instruction"], values["input"] or "", values["output"]))
     return records
 
 
-def plan_units(sources: list[Path], a: argparse.Namespace) -> list[Unit]:
+def plan_units(sources: list[Path], a: argparse.Namespace) -> tuple[list[Unit], dict[str, int]]:
+    """Every usable record, in file order, cut into units; and the records skipped."""
     if a.template not in TEMPLATES:
         raise DataError(f"--template {a.template!r}: choose from {', '.join(TEMPLATES)}")
     fields = parse_field_map(a.field_map)
     skipped: dict[str, int] = {}
     records = [r for path in sources for r in read_records(path, fields, skipped)]
-    a.read_skipped = skipped  # reported in meta.json with the workers' counts
     chunks = [tuple(records[i : i + RECORDS_PER_UNIT]) for i in range(0, len(records), RECORDS_PER_UNIT)]
-    if not chunks and skipped:
-        raise DataError(f"no usable records ({skipped})")
-    return [Unit(i, c) for i, c in enumerate(chunks)]
+    return [Unit(i, c) for i, c in enumerate(chunks)], skipped
 
 
 def options(a: argparse.Namespace) -> dict[str, Any]:
@@ -123,9 +141,7 @@ def options(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_worker(tokenizer: Path, out_dir: Path, a: argparse.Namespace):
-    # records skipped while reading are reported once, with the first unit's counts
-    opts = {**options(a), "read_skipped": getattr(a, "read_skipped", {})}
-    return functools.partial(tokenize_unit, str(tokenizer), str(out_dir), opts)
+    return functools.partial(tokenize_unit, str(tokenizer), str(out_dir), options(a))
 
 
 def cut_content(instruction: str, input: str, budget: int) -> tuple[str, str]:
@@ -137,55 +153,61 @@ def cut_content(instruction: str, input: str, budget: int) -> tuple[str, str]:
     return instruction[:budget], ""
 
 
+def shortest_source(sp, r: Record, opts: dict[str, Any], budget: int) -> list[int]:
+    """BOS + the prompt with as much user content as fits in `budget` tokens.
+
+    Bisection over the number of characters kept (input first, then instruction); the
+    prompt is re-formatted and re-tokenized each time, so the template text stays whole.
+    """
+    lo, hi, best = 0, len(r.instruction) + len(r.input), None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ins, inp = cut_content(r.instruction, r.input, mid)
+        source = [sp.bos_id()] + sp.encode(format_prompt(opts["template"], ins, inp, opts["system_prompt"]))
+        if len(source) <= budget:
+            best, lo = source, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise DataError(f"{r.where}: --max_seq_length {opts['max_seq_length']} leaves no room for the "
+                        f"template {opts['template']!r} itself")
+    return best
+
+
 def encode_sample(sp, r: Record, opts: dict[str, Any]) -> tuple[list[int], int, bool]:
     """(tokens, prompt length, truncated) of one record.
 
     Source = BOS + prompt; target = response + EOS. When too long, the response keeps at
-    least half of max_seq_length (or all of it) and always ends with EOS; the prompt is
-    shortened in its user content, found by bisection, so the template text stays whole.
+    least min(its length, max_seq_length // 2) tokens — its first ones — and always ends
+    with EOS; the prompt gives up user content first (see `shortest_source`).
     """
     limit = opts["max_seq_length"]
-    system = opts["system_prompt"]
-    source = [sp.bos_id()] + sp.encode(format_prompt(opts["template"], r.instruction, r.input, system))
+    prompt = format_prompt(opts["template"], r.instruction, r.input, opts["system_prompt"])
+    source = [sp.bos_id()] + sp.encode(prompt)
     target = sp.encode(r.output) + [sp.eos_id()]
     if len(source) + len(target) <= limit:
         return source + target, len(source), False
-    keep = max(limit - len(source), min(len(target), limit // 2))
+    keep = max(limit - len(source), min(len(target), limit // 2), 1)
     if len(target) > keep:
         target = target[: keep - 1] + [sp.eos_id()]
-    budget = limit - len(target)
-    if len(source) > budget:
-        lo, hi = 0, len(r.instruction) + len(r.input)  # largest content that fits: bisection
-        best = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            ins, inp = cut_content(r.instruction, r.input, mid)
-            candidate = [sp.bos_id()] + sp.encode(format_prompt(opts["template"], ins, inp, system))
-            if len(candidate) <= budget:
-                best, lo = candidate, mid + 1
-            else:
-                hi = mid - 1
-        if best is None:
-            raise DataError(f"{r.where}: --max_seq_length {limit} leaves no room for the template "
-                            f"{opts['template']!r} itself")
-        source = best
+    if len(source) > limit - len(target):
+        source = shortest_source(sp, r, opts, limit - len(target))
     return source + target, len(source), True
 
 
 def tokenize_unit(tokenizer: str, out_dir: str, opts: dict[str, Any], unit: Unit) -> dict[str, Any]:
-    sp = load_sp(tokenizer)
+    """Tokenize one unit into tokens-<index>.bin / .idx / .plen; return its entry and counts."""
+    sp = processor(tokenizer)
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise DataError(f"{tokenizer}: instruction data needs a tokenizer with BOS and EOS ids")
     samples, plens, truncated = [], [], 0
     for r in unit.records:
         tokens, plen, cut = encode_sample(sp, r, opts)
         samples.append(tokens)
         plens.append(plen)
         truncated += cut
-    tokens, index = pack_documents(samples, None, None, dtype_for_vocab(sp.vocab_size()))
-    names = shard_names(unit.index)
-    tokens.tofile(Path(out_dir) / names["tokens"])
-    index.tofile(Path(out_dir) / names["index"])
-    np.asarray(plens, dtype="<u4").tofile(Path(out_dir) / names["plen"])
-    entry = {"tokens": names["tokens"], "index": names["index"], "plen": names["plen"],
-             "num_tokens": int(index[-1]), "num_documents": len(samples)}
-    skipped = dict(opts["read_skipped"]) if unit.index == 0 else {}
-    return {"file": entry, "skipped": skipped, "truncated": truncated}
+    with ShardWriter(Path(out_dir), unit.index, dtype_for_vocab(sp.vocab_size())) as shard:
+        shard.add(samples)
+    np.asarray(plens, dtype="<u4").tofile(Path(out_dir) / shard.names["plen"])
+    entry = {**shard.entry(), "plen": shard.names["plen"]}
+    return {"file": entry, "skipped": {}, "truncated": truncated}

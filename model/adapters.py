@@ -22,10 +22,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tokenizer.files import atomic_output_dir
+
 from .checkpoint import Checkpoint
 from .formats.hf import canonical_to_hf_name, hf_to_canonical_name, permute_from_hf, permute_to_hf
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGET_ALIASES
-from .tensor_io import FormatError, TensorSpec, atomic_output_dir, safe_torch_load
+from .tensor_io import FormatError, TensorSpec, read_json, safe_torch_load
 
 _PEFT_PREFIX = "base_model.model."
 _PEFT_LORA = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -55,15 +57,6 @@ class AdapterWeights:
         return None if emb is None else emb.shape[0]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{path.parent}: {path.name} is missing (not an adapter directory)") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: invalid JSON ({e})") from None
-
-
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     st, binary = path / ADAPTER_WEIGHTS, path / "adapter_model.bin"
     if st.exists():
@@ -83,7 +76,7 @@ def read_adapter_weights(path: str | Path, n_heads: int, n_kv_heads: int) -> Ada
     n_heads, n_kv_heads: the base model's, to bring PEFT's q/k factors to Meta's layout.
     """
     path = Path(path)
-    config = _read_json(path / ADAPTER_CONFIG)
+    config = read_json(path / ADAPTER_CONFIG)
     tensors = _load_tensors(path)
     if not tensors:
         raise FormatError(f"{path}: the adapter holds no tensors")
@@ -198,7 +191,7 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
     """Write one of our adapters in PEFT's layout, loadable with `PeftModel.from_pretrained`
     over our Hugging Face export of the same base."""
     src = Path(src)
-    config = _read_json(src / ADAPTER_CONFIG)
+    config = read_json(src / ADAPTER_CONFIG)
     if config.get("format") != "zhllama-lora":
         raise FormatError(f"{src}: not a zhllama adapter")
     params = config.get("base_params") or {}

@@ -25,7 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .tensor_io import FormatError, atomic_output_dir
+from tokenizer.files import atomic_output_dir
+
+from .tensor_io import FormatError, read_json
 
 # Users' configs come from PEFT, which names modules after Hugging Face's Llama.
 TARGET_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
@@ -199,12 +201,7 @@ def save_adapter(
 def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[str, torch.Tensor]]:
     """(config, the whole adapter_config.json, tensors) of one of our adapters."""
     path = Path(path)
-    try:
-        meta = json.loads((path / ADAPTER_CONFIG).read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{path}: {ADAPTER_CONFIG} is missing") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path / ADAPTER_CONFIG}: invalid JSON ({e})") from None
+    meta = read_json(path / ADAPTER_CONFIG)
     if meta.get("format") != "zhllama-lora":
         raise FormatError(f"{path / ADAPTER_CONFIG}: not a zhllama adapter")
     config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],

@@ -9,14 +9,10 @@ writer takes tensors one at a time and writes each straight to disk.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +49,16 @@ class TensorSpec:
         for d in self.shape:
             n *= d
         return n * self.dtype.itemsize
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or one clear FormatError saying it is missing or invalid."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{path.parent}: {path.name} is missing") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: invalid JSON ({e})") from None
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -202,55 +208,6 @@ def safe_torch_load(path: Path, mmap: bool = True) -> Any:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes `dst` only if the block succeeds.
-
-    The temporary directory sits beside `dst` (same filesystem, so the final rename is
-    atomic) and is removed on any error: no partial output is ever left at `dst`.
-    """
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            _remove(old)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        _remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_output_file(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Like `atomic_output_dir`, for a single file."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def total_bytes(specs: Iterable[TensorSpec]) -> int:

@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from .hf_files import write_hf_tokenizer_files
-from .spm_io import load_sp, resolve_model_file, sha256_file
+from .files import atomic_output_dir, sha256_file
+from .spm_io import load_sp, resolve_model_file
 
 PAD_PIECE = "<pad>"
 Piece = sp_pb2.ModelProto.SentencePiece
@@ -231,9 +230,7 @@ def merge(opts: Any) -> MergeReport:
     base, chinese = read_proto(base_file), read_proto(chinese_file)
     merged, report = merge_protos(base, chinese, opts)
     check_merged(base_file, merged, report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out, opts.overwrite) as tmp:
         (tmp / "tokenizer.model").write_bytes(merged.SerializeToString())
         write_hf_tokenizer_files(tmp / "tokenizer.model", tmp)
         manifest = {
@@ -246,11 +243,6 @@ def merge(opts: Any) -> MergeReport:
             "report": report.__dict__,
         }
         (tmp / "merge_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

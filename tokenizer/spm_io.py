@@ -1,20 +1,10 @@
-"""Loading sentencepiece models with clear errors, and hashing them."""
+"""Loading sentencepiece models with clear errors."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import sentencepiece as spm
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_model_file(path: str | Path) -> Path:

@@ -11,43 +11,24 @@ writes output_dir/model (embeddings, full) or output_dir/adapter (lora).
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from data.datasets import PackedBlocks
-from data.shards import DataError, check_tokenizer
-from train.config import ConfigError, load_config
-from train.distributed import setup, teardown
-from train.trainer import build_for_stage, export, run
+from data.shards import check_tokenizer
+from train.trainer import script_main
+
+
+def packed_blocks(cfg, dist, built):
+    """Training blocks (and validation blocks held out by documents) for this rank."""
+    kw = dict(block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+              rank=dist.rank, world_size=dist.world_size)
+    train = PackedBlocks(cfg.data.path, split="train", **kw)
+    if built.base.tokenizer is not None:
+        check_tokenizer(train.stream.meta, built.base.tokenizer, cfg.data.path)
+    val = PackedBlocks(cfg.data.path, split="val", **kw) if cfg.data.val_fraction else None
+    return train, val, cfg.data.block_size
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="train/pretrain.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="YAML config (see configs/)")
-    a, overrides = p.parse_known_args(argv)
-    try:
-        cfg = load_config(a.config, overrides)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    dist = setup(cfg.parallel.backend)
-    try:
-        built = build_for_stage(cfg, dist)
-        data_args = dict(block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction,
-                         seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-        train = PackedBlocks(cfg.data.path, split="train", **data_args)
-        if built.base.tokenizer is not None:
-            check_tokenizer(train.stream.meta, built.base.tokenizer, cfg.data.path)
-        val = PackedBlocks(cfg.data.path, split="val", **data_args) if cfg.data.val_fraction else None
-        run(cfg, built, train, dist, val, seq_len=cfg.data.block_size)
-        path = export(cfg, built, dist)
-        if dist.is_main:
-            print(f"done: {path}")
-    except (DataError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        teardown()
+    script_main(argv, "train/pretrain.py", __doc__, packed_blocks)
 
 
 if __name__ == "__main__":

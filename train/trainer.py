@@ -8,11 +8,13 @@ checkpoints on the way, and the adapter or model written at the end.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,11 +30,13 @@ from model.formats import read_checkpoint, write_model_dir
 from model.llama import Transformer, build_model
 from model.lora import LoRAConfig, apply_lora, mark_trainable, save_adapter
 from model.tensor_io import parse_dtype
-from tokenizer.spm_io import sha256_file
+from tokenizer.files import sha256_file
+
+from data.shards import DataError
 
 from . import checkpoint as ckpt_io
-from .config import TrainConfig, dump
-from .distributed import DistInfo, all_reduce_sum
+from .config import ConfigError, TrainConfig, dump, load_config
+from .distributed import DistInfo, all_reduce_sum, setup, teardown
 from .optim import LossScaler, build_optimizer, build_scheduler
 from .parallelize import clean_name, parallelize
 
@@ -341,3 +345,41 @@ def export(cfg: TrainConfig, built: Built, dist: DistInfo) -> Path:
 def adapter_keys(state: dict[str, torch.Tensor], lora: LoRAConfig) -> set[str]:
     return {k for k in state if k.endswith((".lora_a", ".lora_b"))
             or any(k.startswith(m + ".") for m in lora.modules_to_save)}
+
+
+# ---------------------------------------------------------------------------------------
+# the command line shared by train/pretrain.py and train/sft.py
+
+DataFactory = Callable[[TrainConfig, DistInfo, Built], tuple[BatchSource, BatchSource | None, int]]
+
+
+def script_main(argv: list[str] | None, prog: str, doc: str, make_data: DataFactory,
+                stages: tuple[str, ...] = ("embeddings", "lora", "full")) -> None:
+    """Parse `config.yaml [--key=value ..]`, then build, train and export; errors in one line.
+
+    `make_data(cfg, dist, built)` returns (training batches, validation batches or None,
+    sequence length for the FLOP count).
+    """
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config (see configs/)")
+    a, overrides = p.parse_known_args(argv)
+    try:
+        cfg = load_config(a.config, overrides)
+        if cfg.stage not in stages:
+            raise ConfigError(f"stage: {prog} runs {', '.join(stages)}, not {cfg.stage!r}")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    dist = setup(cfg.parallel.backend)
+    try:
+        built = build_for_stage(cfg, dist)
+        train, val, seq_len = make_data(cfg, dist, built)
+        run(cfg, built, train, dist, val, seq_len=seq_len)
+        path = export(cfg, built, dist)
+        if dist.is_main:
+            print(f"done: {path}")
+    except (DataError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        teardown()

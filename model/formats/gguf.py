@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tokenizer.files import atomic_output_file
+
 from ..checkpoint import Checkpoint
-from ..tensor_io import FormatError, atomic_output_file
+from ..tensor_io import FormatError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 _TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from tokenizer.files import atomic_output_dir
 from tokenizer.hf_files import special_tokens, write_hf_tokenizer_files
 
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs, ffn_params_for
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, atomic_output_dir, safe_torch_load,
+    FormatError, Reopening, TensorSpec, read_json, safe_torch_load,
     write_sharded_safetensors,
 )
 from .progress import tensor_progress
@@ -191,12 +192,7 @@ def read_hf(path: str | Path) -> Checkpoint:
     """Open a Hugging Face Llama directory as a canonical checkpoint (lazily)."""
     path = Path(path)
     config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{path}: config.json is missing") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{config_file}: invalid JSON ({e})") from None
+    config = read_json(config_file)
     args = args_from_config(config, config_file)
     files = _HFFiles(path, _weight_map(path))
     names: dict[str, str] = {}  # canonical → HF

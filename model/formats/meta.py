@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tokenizer.files import atomic_output_dir
+
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs
-from ..tensor_io import FormatError, Reopening, TensorSpec, atomic_output_dir, safe_torch_load
+from ..tensor_io import FormatError, Reopening, TensorSpec, read_json, safe_torch_load
 from .progress import tensor_progress
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
@@ -87,12 +89,7 @@ def md5_file(path: Path, on_chunk=None, chunk_bytes: int = 8 << 20) -> str:
 
 def read_params(path: Path) -> dict[str, Any]:
     params_file = path / "params.json"
-    try:
-        params = json.loads(params_file.read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{path}: params.json is missing") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{params_file}: invalid JSON ({e})") from None
+    params = read_json(params_file)
     if not isinstance(params, dict):
         raise FormatError(f"{params_file}: expected a JSON object")
     return params

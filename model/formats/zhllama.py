@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tokenizer.spm_io import sha256_file
+from tokenizer.files import atomic_output_dir, sha256_file
 
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, atomic_output_dir, write_sharded_safetensors,
+    FormatError, Reopening, TensorSpec, write_sharded_safetensors,
 )
 from .meta import read_params
 from .progress import tensor_progress
