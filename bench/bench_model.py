@@ -1,7 +1,8 @@
 """Forward+backward step time and peak memory: our LLaMA vs transformers' LlamaForCausalLM.
 
 Same config, same weights, same batch, same loss; each model runs in its own process so
-their memory does not mix. Prints both and their ratios.
+their memory does not mix. Ours runs twice: with whole logits (as transformers does) and
+with the chunked loss of `kernels/` (what training uses). Prints all and their ratios.
 
     python bench/bench_model.py [--dim 512 --n_layers 8 --batch 4 --seq 512 --steps 5]
 """
@@ -28,7 +29,7 @@ def _build(which: str, hf_dir: Path):
     from model.checkpoint import load_model
     from model.formats import read_checkpoint
 
-    if which == "ours":
+    if which.startswith("ours"):
         return load_model(read_checkpoint(hf_dir, progress=False))
     import transformers
 
@@ -43,9 +44,13 @@ def worker(which: str, hf_dir: Path, batch: int, seq: int, steps: int, vocab: in
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
-        out = model(inputs)
-        logits = out if which == "ours" else out.logits
-        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+        if which == "ours-chunked":
+            loss = model(inputs, labels=targets, loss_chunk_size=1024) / targets.numel()
+        else:
+            out = model(inputs)
+            logits = out if which == "ours" else out.logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up: first-call allocations
@@ -70,7 +75,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each, best kept")
-    p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ours", "ours-chunked", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--hf_dir", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -88,8 +93,8 @@ def main() -> None:
         model = build_model(args)
         write_hf(from_state_dict(model.state_dict(), args), Path(tmp) / "hf", progress=False)
         del model
-        runs: dict[str, list[dict]] = {"ours": [], "hf": []}
-        # Alternate the two (ours, hf, ours, hf, ...) and keep each one's best run, so a
+        runs: dict[str, list[dict]] = {"ours": [], "ours-chunked": [], "hf": []}
+        # Alternate them (ours, chunked, hf, ours, ...) and keep each one's best run, so a
         # slow moment of a noisy machine does not decide the ratio.
         for _ in range(a.repeats):
             for which in runs:
@@ -98,17 +103,18 @@ def main() -> None:
                        "--steps", str(a.steps), "--vocab", str(a.vocab)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs[which].append(json.loads(out.strip().splitlines()[-1]))
-    ours, hf = ({"step_s": min(r["step_s"] for r in rs),
-                 "peak_extra_bytes": min(r["peak_extra_bytes"] for r in rs)}
-                for rs in runs.values())
+    best = {which: {"step_s": min(r["step_s"] for r in rs),
+                    "peak_extra_bytes": min(r["peak_extra_bytes"] for r in rs)}
+            for which, rs in runs.items()}
+    hf = best["hf"]
     print(f"config: dim {a.dim}, {a.n_layers} layers, {a.n_heads}/{a.n_kv_heads} heads, vocab "
           f"{a.vocab}, batch {a.batch} x {a.seq}, fp32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    print(f"{'':12s}{'step (s)':>10s}{'peak extra memory (MB)':>26s}")
-    for name, r in (("zhllama", ours), ("transformers", hf)):
-        print(f"{name:12s}{r['step_s']:10.3f}{r['peak_extra_bytes'] / 1e6:26.0f}")
-    print(f"ratio zhllama/transformers: time {ours['step_s'] / hf['step_s']:.2f}x, "
-          f"memory {ours['peak_extra_bytes'] / hf['peak_extra_bytes']:.2f}x")
+    names = {"ours": "zhllama", "ours-chunked": "zhllama, chunked loss", "hf": "transformers"}
+    print(f"{'':24s}{'step (s)':>10s}{'peak extra memory (MB)':>26s}{'time ratio':>12s}{'memory ratio':>14s}")
+    for which, r in best.items():
+        print(f"{names[which]:24s}{r['step_s']:10.3f}{r['peak_extra_bytes'] / 1e6:26.0f}"
+              f"{r['step_s'] / hf['step_s']:11.2f}x{r['peak_extra_bytes'] / hf['peak_extra_bytes']:13.2f}x")
 
 
 if __name__ == "__main__":

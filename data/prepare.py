@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_eos", action="store_true", help="do not end documents with </s>")
     g.add_argument("--errors", choices=("strict", "replace", "skip"), default="strict",
                    help="undecodable UTF-8: stop (naming file and line), replace with U+FFFD, or "
-                        "skip the line; counts go to meta.json")
+                        "skip the line (with --sft too; a .json list takes only replace); counts "
+                        "go to meta.json")
     g = p.add_argument_group("instruction data (--sft)")
     g.add_argument("--sft", action="store_true", help="prepare instruction data")
     g.add_argument("--template", default="cla_v1", choices=tuple(TEMPLATES),

@@ -69,19 +69,40 @@ def lookup(record: Any, path: str) -> Any:
     return node
 
 
-def read_text(path: Path) -> str:
-    """The file as text (a UTF-8 BOM dropped), or one DataError naming the bad line."""
+def read_text(path: Path, errors: str = "strict", skipped: dict[str, int] | None = None) -> str:
+    """The file as text (a UTF-8 BOM dropped), decoded as --errors says.
+
+    strict: one DataError naming the first bad line; replace: bad bytes become U+FFFD;
+    skip: undecodable lines are dropped (JSON Lines only: a line of a JSON list is not a
+    record). Replaced or skipped lines are counted as `undecodable_lines`.
+    """
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+        if errors == "strict":
+            raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason}); "
+                            "use --errors replace or skip") from None
+        if errors == "skip" and path.suffix == ".json":
+            raise DataError(f"{path}:{line}: not valid UTF-8; --errors skip drops lines of JSON "
+                            "Lines files, use --errors replace for a JSON list") from None
+    kept, bad = [], 0
+    for raw_line in raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"):
+        try:
+            kept.append(raw_line.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad += 1  # a skipped line stays as an empty one, so later line numbers hold
+            kept.append(raw_line.decode("utf-8", errors="replace") if errors == "replace" else "")
+    if skipped is not None:
+        skipped["undecodable_lines"] = skipped.get("undecodable_lines", 0) + bad
+    return "\n".join(kept)
 
 
-def raw_records(path: Path) -> list[tuple[str, Any]]:
+def raw_records(path: Path, errors: str = "strict", skipped: dict[str, int] | None = None
+                ) -> list[tuple[str, Any]]:
     """(location, object) of every record in an Alpaca JSON list or a JSON Lines file."""
-    text = read_text(path)
+    text = read_text(path, errors, skipped)
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -101,14 +122,20 @@ def raw_records(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
-def read_records(path: Path, fields: dict[str, str], skipped: dict[str, int]) -> list[Record]:
+def read_records(path: Path, fields: dict[str, str], skipped: dict[str, int],
+                 errors: str = "strict") -> list[Record]:
     """The usable records of one file; those with an empty instruction or no response are
-    counted in `skipped`."""
-    records = []
-    for where, raw in raw_records(path):
+    counted in `skipped`.
+
+    A field that no record of the file has (the response, or an input named in
+    --field_map) is a wrong field name, not a run of bad records: one DataError.
+    """
+    records, present = [], set()
+    for where, raw in raw_records(path, errors, skipped):
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
         values = {f: lookup(raw, fields[f]) for f in FIELDS}
+        present.update(f for f in FIELDS if values[f] is not None)
         for f in FIELDS:
             if values[f] is not None and not isinstance(values[f], str):
                 raise DataError(f"{where}: field {fields[f]!r} is {type(values[f]).__name__}, not text")
@@ -121,6 +148,11 @@ def read_records(path: Path, fields: dict[str, str], skipped: dict[str, int]) ->
             skipped[empty[0]] = skipped.get(empty[0], 0) + 1
             continue
         records.append(Record(where, values["instruction"], values["input"] or "", values["output"]))
+    must_exist = ["output"] + (["input"] if fields["input"] != "input" else [])
+    for f in must_exist:
+        if present and f not in present:
+            raise DataError(f"{path}: no record has a {fields[f]!r} field "
+                            f"(name the {f} field with --field_map {f}=FIELD)")
     return records
 
 
@@ -130,7 +162,7 @@ def plan_units(sources: list[Path], a: argparse.Namespace) -> tuple[list[Unit], 
         raise DataError(f"--template {a.template!r}: choose from {', '.join(TEMPLATES)}")
     fields = parse_field_map(a.field_map)
     skipped: dict[str, int] = {}
-    records = [r for path in sources for r in read_records(path, fields, skipped)]
+    records = [r for path in sources for r in read_records(path, fields, skipped, a.errors)]
     chunks = [tuple(records[i : i + RECORDS_PER_UNIT]) for i in range(0, len(records), RECORDS_PER_UNIT)]
     return [Unit(i, c) for i, c in enumerate(chunks)], skipped
 

@@ -32,8 +32,11 @@ def linear_cross_entropy_reference(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):  # type: ignore[override]
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, chunk_size, grad_enabled):  # type: ignore[override]
+        # needs_input_grad follows requires_grad even under no_grad, so evaluation passes
+        # grad_enabled=False to skip the two gradient products it would never use.
+        need_dh = grad_enabled and ctx.needs_input_grad[0]
+        need_dw = grad_enabled and ctx.needs_input_grad[1]
         loss = hidden.new_zeros((), dtype=torch.float32)
         d_hidden = torch.zeros_like(hidden) if need_dh else None
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
@@ -66,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         d_hidden, d_weight = ctx.saved_tensors
         gh = d_hidden * grad_loss.to(d_hidden.dtype) if d_hidden is not None else None
         gw = d_weight * grad_loss.to(d_weight.dtype) if d_weight is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(
@@ -85,4 +88,4 @@ def linear_cross_entropy(
     """
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states but {labels.shape[0]} labels")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, torch.is_grad_enabled())

@@ -158,6 +158,11 @@ def test_belle_seed_tasks_through_dotted_paths(tok, shared_data, tmp_path):
     ("a.jsonl", '{"instruction": "a", "output": "b"}\n', ["--field_map", "prompt=q"],
      "--field_map: 'prompt=q' is not one of instruction, input, output=FIELD"),
     ("a.txt", "x\n", [], "unsupported input type"),
+    # a mistyped field name is one error, not a thousand skipped records
+    ("a.jsonl", '{"instruction": "a", "output": "b"}\n', ["--field_map", "output=answer"],
+     "a.jsonl: no record has a 'answer' field (name the output field with --field_map output=FIELD)"),
+    ("a.jsonl", '{"instruction": "a", "output": "b"}\n', ["--field_map", "input=context"],
+     "a.jsonl: no record has a 'context' field"),
 ])
 def test_bad_records(tok, tmp_path, name, content, args, message):
     (tmp_path / name).write_text(content, encoding="utf-8")
@@ -187,3 +192,29 @@ def test_empty_records_are_skipped_and_counted(tok, tmp_path):
     meta = run("--tokenizer", tok, "--input", tmp_path / "a.json", "--output_dir", tmp_path / "o")
     assert meta["num_documents"] == 2 and meta["skipped"] == {"no_instruction": 1, "no_response": 1}
     assert meta["truncated"] == 0 and meta["files"][0]["plen"] == "tokens-00000.plen"
+
+
+def test_undecodable_lines_replace_and_skip(tok, tmp_path):
+    good = '{"instruction": "好", "output": "对"}\n'.encode()
+    bad = b'{"instruction": "\xff\xfe", "output": "x"}\n'
+    (tmp_path / "a.jsonl").write_bytes(good + bad + b'{"instruction": "c", "output": oops}\n')
+    with pytest.raises(DataError, match=r"a.jsonl:3: invalid JSON"):  # line numbers survive a skip
+        run("--tokenizer", tok, "--input", tmp_path / "a.jsonl", "--output_dir", tmp_path / "o",
+            "--errors", "skip")
+    (tmp_path / "a.jsonl").write_bytes(good + bad + good)
+    meta = run("--tokenizer", tok, "--input", tmp_path / "a.jsonl", "--output_dir", tmp_path / "s",
+               "--errors", "skip")
+    assert meta["num_documents"] == 2 and meta["skipped"] == {"undecodable_lines": 1}
+    meta = run("--tokenizer", tok, "--input", tmp_path / "a.jsonl", "--output_dir", tmp_path / "r",
+               "--errors", "replace")
+    assert meta["num_documents"] == 3 and meta["skipped"] == {"undecodable_lines": 1}
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    tokens, plen = SFTDataset(tmp_path / "r").sample(1)
+    assert "\ufffd\ufffd" in sp.decode(tokens[:plen].tolist())
+    # a JSON list cannot lose a line: skip is refused there, replace works
+    (tmp_path / "b.json").write_bytes(b"[" + bad.strip() + b"]")
+    with pytest.raises(DataError, match="use --errors replace for a JSON list"):
+        run("--tokenizer", tok, "--input", tmp_path / "b.json", "--output_dir", tmp_path / "b",
+            "--errors", "skip")
+    assert run("--tokenizer", tok, "--input", tmp_path / "b.json", "--output_dir", tmp_path / "b",
+               "--errors", "replace")["num_documents"] == 1

@@ -48,3 +48,31 @@ def test_bfloat16_matches_reference():
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     assert torch.allclose(hidden.grad.float(), dh_ref.float(), atol=2e-2, rtol=2e-2)
     assert torch.allclose(weight.grad.float(), dw_ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def _count_matmuls(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_evaluation_skips_the_gradient_products():
+    hidden = torch.randn(40, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (40,))
+    train = _count_matmuls(lambda: linear_cross_entropy(hidden, weight, labels, chunk_size=10))
+    with torch.no_grad():
+        evaluated = _count_matmuls(lambda: linear_cross_entropy(hidden, weight, labels, chunk_size=10))
+        assert torch.equal(linear_cross_entropy(hidden, weight, labels, chunk_size=10),
+                           linear_cross_entropy(hidden.detach(), weight.detach(), labels, 10))
+    assert (train, evaluated) == (12, 4)  # 4 chunks: logits, d hidden, d weight vs logits only
