@@ -224,11 +224,21 @@ class PackedBlocks(_Resumable):
 
 class SFTDataset(_Resumable):
     """Instruction samples with their prompt lengths; batches padded to the longest sample,
-    or (pack=True) several samples per row of max_seq_length, attention kept inside each."""
+    or (pack=True) several samples per row of max_seq_length, attention kept inside each.
+
+    A validation split holds out the last `val_fraction` of the samples (at least one when
+    the fraction is positive); training shuffles its samples each epoch, validation reads
+    its own once, in order.
+    """
 
     def __init__(self, path: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 pack: bool = False, max_seq_length: int | None = None) -> None:
+                 pack: bool = False, max_seq_length: int | None = None, split: str = "train",
+                 val_fraction: float = 0.0) -> None:
         check_rank(rank, world_size)
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.stream = TokenStream(path)
         if self.stream.meta["kind"] != "sft":
             raise DataError(f"{path}: prepared as {self.stream.meta['kind']!r} data, not SFT "
@@ -238,24 +248,35 @@ class SFTDataset(_Resumable):
         self.plens = np.concatenate([np.fromfile(self.stream.path / f["plen"], dtype="<u4")
                                      for f in self.stream.files]).astype(np.int64)
         self.seed, self.rank, self.world_size, self.pack = seed, rank, world_size, pack
-        self.max_seq_length = max_seq_length or self.stream.meta["options"]["max_seq_length"]
+        self.split = split
+        prepared = self.stream.meta["options"]["max_seq_length"]
+        if max_seq_length is not None and max_seq_length < prepared and int(self.lengths.max()) > max_seq_length:
+            raise DataError(f"{path}: prepared with --max_seq_length {prepared}, longer than "
+                            f"max_seq_length {max_seq_length}; prepare it again with "
+                            f"--max_seq_length {max_seq_length} (truncating here would drop EOS)")
+        self.max_seq_length = max_seq_length or prepared
+        n = len(self.starts)
+        n_val = max(1, int(n * val_fraction)) if val_fraction > 0 else 0
+        self.ids = np.arange(n - n_val) if split == "train" else np.arange(n - n_val, n)
         pad = self.stream.meta["special_ids"]["pad"]
         # Any id would do when the tokenizer has no pad: padding sits after the sample (right
         # padding), causal attention never lets real tokens see it, and its labels are -100.
         self.pad_id = pad if pad >= 0 else 0
-        if len(self.starts) < world_size:
-            raise DataError(f"{path}: {len(self.starts)} samples for {world_size} ranks")
+        if len(self.ids) < world_size:
+            raise DataError(f"{path}: {len(self.ids)} {split} samples for {world_size} ranks")
         self.epoch = self.position = 0
 
     def __len__(self) -> int:
-        return len(self.starts) // self.world_size
+        """Samples per rank per epoch."""
+        return len(self.ids) // self.world_size
 
     def sample(self, i: int) -> tuple[np.ndarray, int]:
+        """(tokens, prompt length) of sample i of the whole file (any split)."""
         return self.stream.read(int(self.starts[i]), int(self.lengths[i])), int(self.plens[i])
 
     def _next(self) -> int:
-        order = self._orders(len(self.starts), self.epoch, shuffle=True)
-        i = int(order[self.position])
+        order = self._orders(len(self.ids), self.epoch, shuffle=True)
+        i = int(self.ids[order[self.position]])
         self.position += 1
         if self.position >= len(order):
             self.epoch, self.position = self.epoch + 1, 0
@@ -274,19 +295,41 @@ class SFTDataset(_Resumable):
             used += len(tokens)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Train: endless batches from the saved position, across epochs. Val: this rank's
+        samples once, in order (the last batch may be smaller); the position is untouched."""
+        if self.split == "val":
+            yield from self._one_pass(batch_size)
+            return
         while True:
             if self.pack:
                 yield collate_packed([self._packed_row() for _ in range(batch_size)], self.pad_id)
             else:
                 yield collate([self.sample(self._next()) for _ in range(batch_size)], self.pad_id)
 
+    def _one_pass(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        order = rank_order(len(self.ids), self.seed, 0, self.rank, self.world_size, False)
+        samples = [self.sample(int(i)) for i in self.ids[order]]
+        if not self.pack:
+            for k in range(0, len(samples), batch_size):
+                yield collate(samples[k : k + batch_size], self.pad_id)
+            return
+        rows: list[list[tuple[np.ndarray, int]]] = []
+        for tokens, plen in samples:
+            if not rows or sum(len(t) for t, _ in rows[-1]) + len(tokens) > self.max_seq_length:
+                rows.append([])
+            rows[-1].append((tokens, plen))
+        for k in range(0, len(rows), batch_size):
+            yield collate_packed(rows[k : k + batch_size], self.pad_id)
+
     def state_dict(self) -> dict[str, Any]:
-        return self._state(seed=self.seed, world_size=self.world_size, samples=len(self.starts),
-                           pack=self.pack)
+        return self._state(**self._fixed())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load(state, seed=self.seed, world_size=self.world_size, samples=len(self.starts),
-                   pack=self.pack)
+        self._load(state, **self._fixed())
+
+    def _fixed(self) -> dict[str, Any]:
+        return {"seed": self.seed, "world_size": self.world_size, "samples": len(self.ids),
+                "pack": self.pack}
 
 
 def collate(samples: list[tuple[np.ndarray, int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -89,3 +89,21 @@ def linear_cross_entropy(
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states but {labels.shape[0]} labels")
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, torch.is_grad_enabled())
+
+
+@torch.no_grad()
+def linear_cross_entropy_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For evaluation: (summed loss, number of tokens whose argmax is the label), in chunks.
+
+    Same shapes as `linear_cross_entropy`; labels of -100 count in neither. No gradients.
+    """
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        y = labels[start : start + chunk_size]
+        logits = (hidden[start : start + chunk_size] @ weight.t()).float()
+        loss += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+        correct += ((logits.argmax(-1) == y) & (y != IGNORE_INDEX)).sum()
+    return loss, correct

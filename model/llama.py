@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kernels.cross_entropy import (
+    linear_cross_entropy, linear_cross_entropy_reference, linear_cross_entropy_stats,
+)
 
 # Keys of Meta's params.json that describe how Meta's own code ran the model, not the model.
 _RUNTIME_KEYS = frozenset({"max_batch_size"})
@@ -379,7 +381,8 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_chunk_size: int | None = None,
-    ) -> torch.Tensor:
+        return_accuracy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (bs, seqlen, vocab_size) for tokens (bs, seqlen).
 
         Args:
@@ -395,6 +398,8 @@ class Transformer(nn.Module):
                 target tokens across micro-batches and ranks.
             loss_chunk_size: compute that loss in chunks of this many tokens, never holding
                 all logits (`kernels.cross_entropy`); None computes the logits whole.
+            return_accuracy: with labels, for evaluation (no gradients): return (summed
+                loss, number of targets the argmax predicts), computed in chunks.
         """
         seqlen = tokens.shape[1]
         start = cache.pos if cache is not None else 0
@@ -414,6 +419,10 @@ class Transformer(nn.Module):
             cache.pos += seqlen
         h = self.norm(h)
         if labels is not None:
+            if return_accuracy:
+                flat = h.reshape(-1, h.shape[-1])
+                return linear_cross_entropy_stats(flat, self.output.weight, labels.reshape(-1),
+                                                  max(loss_chunk_size or flat.shape[0], 1))
             return self._loss(h, labels, loss_chunk_size)
         return h if return_hidden else self.output(h)
 

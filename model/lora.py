@@ -184,6 +184,13 @@ def save_adapter(
     """
     if not any(n.endswith(("lora_a", "lora_b")) for n in state):
         raise ValueError("refusing to save an adapter with no LoRA tensors")
+    missing = [m for m in config.modules_to_save if not any(n.startswith(m + ".") for n in state)]
+    with_a = {n.removesuffix(".lora_a") for n in state if n.endswith(".lora_a")}
+    with_b = {n.removesuffix(".lora_b") for n in state if n.endswith(".lora_b")}
+    unpaired = sorted(with_a ^ with_b)
+    if missing or unpaired:
+        raise ValueError(f"refusing to save an incomplete adapter: modules to save without "
+                         f"tensors {missing}, LoRA layers without both A and B {unpaired}")
     meta = {"format": "zhllama-lora", "format_version": 1, **asdict(config),
             "base_vocab_size": base_vocab_size, "vocab_size": vocab_size,
             "tokenizer_sha256": tokenizer_sha256,

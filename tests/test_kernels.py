@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kernels.cross_entropy import (
+    linear_cross_entropy, linear_cross_entropy_reference, linear_cross_entropy_stats,
+)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -76,3 +78,17 @@ def test_evaluation_skips_the_gradient_products():
         assert torch.equal(linear_cross_entropy(hidden, weight, labels, chunk_size=10),
                            linear_cross_entropy(hidden.detach(), weight.detach(), labels, 10))
     assert (train, evaluated) == (12, 4)  # 4 chunks: logits, d hidden, d weight vs logits only
+
+
+@pytest.mark.parametrize("chunk", [1, 9, 100])
+def test_evaluation_stats_equal_plain_loss_and_argmax(chunk):
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(50, 16, generator=g), torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 40, (50,), generator=g)
+    logits = hidden @ weight.t()
+    labels[:10] = logits[:10].argmax(-1)  # some right for sure
+    labels[::6] = -100
+    loss, correct = linear_cross_entropy_stats(hidden, weight, labels, chunk)
+    valid = labels != -100
+    assert torch.allclose(loss, linear_cross_entropy_reference(hidden, weight, labels))
+    assert int(correct) == int(((logits.argmax(-1) == labels) & valid).sum()) >= 8

@@ -87,6 +87,12 @@ def test_adapter_round_trip_and_refusals(tmp_path):
         save_adapter({"tok_embeddings.weight": torch.zeros(2)}, cfg, tmp_path / "empty",
                      base_vocab_size=1, vocab_size=1)
     assert not (tmp_path / "empty").exists()
+    state = adapter_state_dict(model, cfg)
+    for drop in ("output.weight", "layers.0.attention.wq.lora_b"):
+        with pytest.raises(ValueError, match="incomplete adapter"):
+            save_adapter({k: v for k, v in state.items() if k != drop}, cfg, tmp_path / "part",
+                         base_vocab_size=1, vocab_size=1)
+    assert not (tmp_path / "part").exists()
     other = random_model(named_args("tiny", vocab_size=600))
     with pytest.raises(ValueError, match="vocabulary of 512 rows"):
         load_adapter(other, tmp_path / "ad")

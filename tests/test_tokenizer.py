@@ -173,7 +173,31 @@ def test_train_then_merge_then_report(real, tmp_path):
     r = run("tokenizer.report", "--tokenizer", real.base, "--tokenizer", tmp_path / "merged",
             "--input", corpus)
     assert r.returncode == 0, r.stderr
-    assert "tokens / 1k chars" in r.stdout and r.stdout.count("×") >= 6
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in r.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line]
+    head, base_row, merged_row = rows
+    assert head[2] == "tokens / 1k chars" and head[8] == "tokens vs first"
+    lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    chars = sum(map(len, lines))
+    for row, path in ((base_row, real.base), (merged_row, tmp_path / "merged" / "tokenizer.model")):
+        ids = [i for row_ids in sp(path).encode(lines) for i in row_ids]
+        assert float(row[2]) == pytest.approx(1000 * len(ids) / chars, abs=0.05)
+        byte_share = sum(sp(path).is_byte(i) for i in ids) / len(ids)
+        assert float(row[4].rstrip("%")) == pytest.approx(100 * byte_share, abs=0.05)
+    assert base_row[8] == "1.000×" and float(merged_row[8].rstrip("×")) < 0.8  # Chinese: fewer tokens
+
+
+def test_report_counts_by_hand(real):
+    from tokenizer.report import count, measure
+
+    lines = ["我爱北京", "𠀀 x"]  # 𠀀 is in neither vocabulary: 4 byte-fallback tokens
+    base = sp(real.base)
+    assert count(base, lines) == (7, len(base.encode(lines[0])) + len(base.encode(lines[1])),
+                                  sum(base.is_byte(i) for row in base.encode(lines) for i in row), 0)
+    assert sum(base.is_byte(i) for i in base.encode("𠀀")) == 4
+    stats = measure([str(real.base), str(real.out / "default")], lines, repeats=1)
+    assert [s.vocab for s in stats] == [32000, 49953] and stats[1].name == "default"
+    assert stats[1].tokens < stats[0].tokens and stats[0].encode_cps > 0 < stats[1].decode_cps
 
 
 def test_bad_input(real, tmp_path):

@@ -4,8 +4,9 @@
 
 Per tokenizer: tokens per 1,000 characters, characters per token, the share of tokens that
 are byte-fallback pieces (<0xE4> …: characters the vocabulary lacks), unknown tokens, and
-encode and decode speed in characters per second (one thread, whole lines, median of
-three runs); then each figure as a ratio to the first tokenizer. Prints a markdown table.
+encode and decode speed in characters per second (one thread, whole lines; the tokenizers
+take turns over several rounds and the medians are kept); then each figure as a ratio to
+the first tokenizer. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -55,28 +56,46 @@ def read_lines(paths: list[str]) -> list[str]:
     return lines
 
 
-def _best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def measure(tokenizer: str, lines: list[str]) -> Stats:
-    path = resolve_model_file(tokenizer)
-    sp = load_sp(path)
+def count(sp, lines: list[str]) -> tuple[int, int, int, int]:
+    """(characters, tokens, byte-fallback tokens, unknown tokens) of `lines` under `sp`."""
     ids = sp.encode(lines, num_threads=1)
     flat = [i for row in ids for i in row]
-    chars = sum(len(line) for line in lines)
-    enc = _best_of(lambda: sp.encode(lines, num_threads=1))
-    dec = _best_of(lambda: sp.decode(ids, num_threads=1))
-    name = path.parent.name if path.name == "tokenizer.model" else path.name
-    return Stats(name=name, vocab=sp.vocab_size(), chars=chars, tokens=len(flat),
-                 byte_tokens=sum(1 for i in flat if sp.is_byte(i)),
-                 unknown=sum(1 for i in flat if sp.is_unknown(i)),
-                 encode_cps=chars / enc, decode_cps=chars / dec)
+    return (sum(len(line) for line in lines), len(flat),
+            sum(1 for i in flat if sp.is_byte(i)), sum(1 for i in flat if sp.is_unknown(i)))
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def timings(sps: list, lines: list[str], repeats: int) -> list[tuple[float, float]]:
+    """Median (encode, decode) seconds per tokenizer over `repeats` rounds.
+
+    The tokenizers take turns within each round, so a slow moment of a busy machine falls
+    on all of them rather than on whichever happened to run then.
+    """
+    ids = [sp.encode(lines, num_threads=1) for sp in sps]
+    rounds = [[(_seconds(lambda: sp.encode(lines, num_threads=1)),
+                _seconds(lambda: sp.decode(row_ids, num_threads=1)))
+               for sp, row_ids in zip(sps, ids)] for _ in range(repeats)]
+    return [(statistics.median(r[k][0] for r in rounds), statistics.median(r[k][1] for r in rounds))
+            for k in range(len(sps))]
+
+
+def measure(tokenizers: list[str], lines: list[str], repeats: int = 5) -> list[Stats]:
+    """Counts and speeds of each tokenizer (a model file or a directory holding one)."""
+    paths = [resolve_model_file(t) for t in tokenizers]
+    sps = [load_sp(p) for p in paths]
+    out = []
+    for path, sp, (enc, dec) in zip(paths, sps, timings(sps, lines, repeats)):
+        chars, tokens, byte_tokens, unknown = count(sp, lines)
+        name = path.parent.name if path.name == "tokenizer.model" else path.name
+        out.append(Stats(name=name, vocab=sp.vocab_size(), chars=chars, tokens=tokens,
+                         byte_tokens=byte_tokens, unknown=unknown,
+                         encode_cps=chars / enc, decode_cps=chars / dec))
+    return out
 
 
 def table(stats: list[Stats]) -> str:
@@ -100,10 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", action="append", required=True,
                    help="a sentencepiece model or a directory holding tokenizer.model (repeat)")
     p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timing rounds, tokenizers taking turns in each; medians reported (default 5)")
     a = p.parse_args(argv)
     try:
         lines = read_lines(a.input)
-        stats = [measure(t, lines) for t in a.tokenizer]
+        stats = measure(a.tokenizer, lines, max(1, a.repeats))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{len(lines):,} lines, {stats[0].chars:,} characters from {', '.join(a.input)}\n")

@@ -97,6 +97,22 @@ def step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def step_of(path: Path) -> int:
+    """N of a `step-N` directory."""
+    return int(_STEP.fullmatch(path.name).group(1))
+
+
+def set_aside(paths: list[Path], dist: DistInfo) -> None:
+    """Rename checkpoints to `step-N.nonfinite` (kept for inspection, never resumed from)."""
+    if dist.is_main:
+        for p in paths:
+            target = p.with_name(p.name + ".nonfinite")
+            if target.exists():
+                shutil.rmtree(target)
+            p.rename(target)
+    barrier()
+
+
 def latest(output_dir: Path) -> Path | None:
     dirs = step_dirs(output_dir)
     return dirs[-1][1] if dirs else None
@@ -104,9 +120,10 @@ def latest(output_dir: Path) -> Path | None:
 
 def save(
     output_dir: Path, state: TrainState, data_state: dict[str, Any], config_yaml: str,
-    dist: DistInfo, keep_last: int,
+    dist: DistInfo, keep_last: int, protect: Path | None = None,
 ) -> Path:
-    """Write `step-N/` atomically (all ranks call this); prune all but the last `keep_last`."""
+    """Write `step-N/` atomically (all ranks call this); prune all but the last `keep_last`
+    and `protect` (the last checkpoint known to be good)."""
     step = state.progress.step
     final, tmp = output_dir / f"step-{step}", output_dir / f".step-{step}.tmp"
     if dist.is_main and tmp.exists():
@@ -123,7 +140,8 @@ def save(
             shutil.rmtree(final)
         tmp.rename(final)
         for _, old in step_dirs(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if protect is None or old != protect:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

@@ -35,8 +35,13 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # a directory made by `python -m data.prepare`
     block_size: int = 512  # pretraining: packed block length
-    val_fraction: float = 0.0  # pretraining: tail of the token stream held out, by documents
+    # held out for evaluation: pretraining, the tail of the token stream (whole documents);
+    # SFT, the last samples
+    val_fraction: float = 0.0
     pack: bool = False  # SFT: several samples per row, attention kept inside each
+    # SFT: the longest sample (and packed row); data prepared with a longer
+    # --max_seq_length is refused. None: the data's own.
+    max_seq_length: int | None = None
 
 
 @dataclass
@@ -197,15 +202,33 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 
 def check(cfg: TrainConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    o = cfg.optim
-    for key, value in (("optim.max_steps", o.max_steps), ("optim.micro_batch_size", o.micro_batch_size),
-                       ("optim.grad_accum", o.grad_accum), ("data.block_size", cfg.data.block_size),
-                       ("lora.r", cfg.lora.r)):
-        if value <= 0:
+    """Cross-field and range checks that types alone cannot express."""
+    o, p, lg = cfg.optim, cfg.parallel, cfg.log
+    positive = [("optim.max_steps", o.max_steps), ("optim.micro_batch_size", o.micro_batch_size),
+                ("optim.grad_accum", o.grad_accum), ("optim.lr", o.lr), ("data.block_size", cfg.data.block_size),
+                ("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha), ("log.every", lg.every),
+                ("log.eval_batches", lg.eval_batches), ("log.max_bad_steps", lg.max_bad_steps),
+                ("parallel.selective_every", p.selective_every), ("data.max_seq_length", cfg.data.max_seq_length)]
+    for key, value in positive:
+        if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    non_negative = [("optim.weight_decay", o.weight_decay), ("optim.warmup_steps", o.warmup_steps),
+                    ("optim.eps", o.eps), ("optim.clip_grad_norm", o.clip_grad_norm),
+                    ("parallel.loss_chunk_size", p.loss_chunk_size), ("log.eval_every", lg.eval_every),
+                    ("log.peak_tflops", lg.peak_tflops), ("checkpoint.every", cfg.checkpoint.every),
+                    ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("model.new_rows_from", cfg.model.new_rows_from)]
+    for key, value in non_negative:
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+    for key, value, top in (("data.val_fraction", cfg.data.val_fraction, 1), ("optim.warmup_ratio", o.warmup_ratio, 1),
+                            ("optim.beta1", o.beta1, 1), ("optim.beta2", o.beta2, 1),
+                            ("lora.dropout", cfg.lora.dropout, 1)):
+        if not 0 <= value < top:
+            raise ConfigError(f"{key}: must be in [0, {top}), got {value}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    if cfg.model.new_rows_from is not None and cfg.stage != "embeddings":
+        raise ConfigError(f"model.new_rows_from: only for stage embeddings (stage is {cfg.stage!r})")
     if not cfg.model.path:
         raise ConfigError("model.path: required (a model directory)")
     if not cfg.data.path:

@@ -16,15 +16,18 @@ from train.trainer import script_main
 
 
 def sft_samples(cfg, dist, built):
-    """This rank's shuffled instruction samples (packed several per row with data.pack)."""
-    data = SFTDataset(cfg.data.path, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                      pack=cfg.data.pack)
+    """This rank's shuffled instruction samples (packed several per row with data.pack),
+    and the held-out samples when data.val_fraction is set."""
+    kw = dict(seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, pack=cfg.data.pack,
+              max_seq_length=cfg.data.max_seq_length, val_fraction=cfg.data.val_fraction)
+    data = SFTDataset(cfg.data.path, split="train", **kw)
     if built.base.tokenizer is not None:
         check_tokenizer(data.stream.meta, built.base.tokenizer, cfg.data.path)
     if data.stream.meta["vocab_size"] > built.base.args.vocab_size:
         raise DataError(f"{cfg.data.path}: vocabulary {data.stream.meta['vocab_size']} is larger "
                         f"than the model's {built.base.args.vocab_size}; resize the model first")
-    return data, None, data.max_seq_length
+    val = SFTDataset(cfg.data.path, split="val", **kw) if cfg.data.val_fraction else None
+    return data, val, data.max_seq_length
 
 
 def main(argv: list[str] | None = None) -> None:

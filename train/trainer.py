@@ -75,6 +75,9 @@ def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
         mark_trainable(model, lora.modules_to_save)
     elif cfg.stage == "embeddings":
         mark_trainable(model, ("tok_embeddings", "output"))
+        if cfg.model.new_rows_from is not None and cfg.model.new_rows_from >= base.args.vocab_size:
+            raise ConfigError(f"model.new_rows_from: {cfg.model.new_rows_from} is not below the "
+                              f"model's vocabulary size {base.args.vocab_size}: no row would train")
     # stage "full": everything stays trainable
     frozen_dtype = parse_dtype(cfg.model.dtype)
     for p in model.parameters():
@@ -117,16 +120,19 @@ def mask_old_rows(model: nn.Module, new_rows_from: int) -> None:
     """Zero the gradient rows of old tokens in tok_embeddings and output (stage 1 option).
 
     With no gradient and no weight decay (those tensors get none in this mode), AdamW
-    leaves the rows exactly as they were.
+    leaves the rows exactly as they were. Under FSDP each rank masks its own rows: a
+    (vocab, 1) column is sharded like the gradient, so no full-size mask is ever built.
     """
     for raw_name, p in model.named_parameters():
         if clean_name(raw_name) in ("tok_embeddings.weight", "output.weight") and p.grad is not None:
-            keep = torch.ones(p.shape[0], 1, device=p.device, dtype=p.dtype)
+            keep = torch.ones(p.shape[0], 1, device=p.device, dtype=p.grad.dtype)
             keep[:new_rows_from] = 0
             if isinstance(p.grad, DTensor):
-                keep = distribute_tensor(keep.expand(p.shape).contiguous(), p.grad.device_mesh,
-                                         p.grad.placements, src_data_rank=None)
-            p.grad.mul_(keep)
+                keep = distribute_tensor(keep, p.grad.device_mesh, p.grad.placements,
+                                         src_data_rank=None).to_local()
+                p.grad.to_local().mul_(keep)
+            else:
+                p.grad.mul_(keep)
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,19 +205,22 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_batches: int,
-             dist: DistInfo) -> dict[str, float]:
-    """Validation loss, perplexity and next-token accuracy over `n_batches` per rank."""
+             chunk: int, dist: DistInfo) -> dict[str, float]:
+    """Validation loss, perplexity and next-token accuracy over `n_batches` per rank.
+
+    The output layer runs in chunks of `chunk` tokens, as in training, so evaluation never
+    holds a batch's whole logits either.
+    """
     model.eval()
     loss_sum = correct = count = 0.0
     for _, batch in zip(range(n_batches), batches):
         labels = batch["labels"].to(dist.device)
         kwargs = {"segment_ids": batch["segment_ids"].to(dist.device)} if "segment_ids" in batch else {}
-        logits = model(batch["tokens"].to(dist.device), **kwargs).float()
-        valid = labels != IGNORE_INDEX
-        loss_sum += float(torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
-        correct += float(((logits.argmax(-1) == labels) & valid).sum())
-        count += float(valid.sum())
+        loss, right = model(batch["tokens"].to(dist.device), labels=labels, loss_chunk_size=chunk or None,
+                            return_accuracy=True, **kwargs)
+        loss_sum += float(loss)
+        correct += float(right)
+        count += float((labels != IGNORE_INDEX).sum())
     model.train()
     loss_sum, correct, count = (all_reduce_sum(v, dist.device) for v in (loss_sum, correct, count))
     loss = loss_sum / max(count, 1)
@@ -220,6 +229,22 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_bat
 
 # ---------------------------------------------------------------------------------------
 # the loop
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped after too many non-finite losses in a row."""
+
+
+def stop_message(out: Path, bad: int, step: int, good: Path | None, dist: DistInfo) -> str:
+    """Set aside the checkpoints newer than the last good one (so a restart does not resume
+    from them) and say what happened."""
+    suspect = [p for n, p in ckpt_io.step_dirs(out) if good is None or n > ckpt_io.step_of(good)]
+    ckpt_io.set_aside(suspect, dist)
+    where = (f"the last checkpoint followed by a finite loss is {good}" if good is not None
+             else "no checkpoint was followed by a finite loss")
+    moved = f" (newer ones renamed *.nonfinite: {', '.join(p.name for p in suspect)})" if suspect else ""
+    return (f"{bad} non-finite losses in a row at step {step}; stopping: {where}{moved}. "
+            "Lower the learning rate, or use bf16, and start again.")
 
 
 class MetricsLog:
@@ -252,6 +277,9 @@ def run(
     scheduler = build_scheduler(optimizer, cfg.optim)
     scaler = LossScaler(cfg.parallel.precision == "fp16")
     state = ckpt_io.TrainState(model, optimizer, scheduler, scaler)
+    # Dropout draws from the global generators: seeded per rank (each rank its own masks),
+    # so a run is reproducible; a resumed run restores the saved states instead.
+    torch.manual_seed(cfg.seed * 100_003 + dist.rank)
     resume_from = ckpt_io.latest(out)
     if resume_from is not None:
         data_state = ckpt_io.load(resume_from, state, dist)
@@ -266,12 +294,16 @@ def run(
     fpt = flops_per_token(model, seq_len)
     batches = data.batches(cfg.optim.micro_batch_size)
     bad_in_a_row = 0
+    # A checkpoint counts as good once a finite step has followed it: the weights it holds
+    # gave a usable loss. The one resumed from is taken as good.
+    good, pending = resume_from, None
     bar = tqdm(total=cfg.optim.max_steps, initial=state.progress.step, disable=not dist.is_main,
                desc=f"train ({cfg.stage})", unit="step")
     model.train()
     while state.progress.step < cfg.optim.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         loss, norm, n_targets = train_step(model, micro, params, cfg, dist, scaler)
         loss_ok, norm_ok = math.isfinite(loss), math.isfinite(norm)
         if loss_ok and norm_ok:
@@ -281,35 +313,38 @@ def run(
             state.progress.skipped_steps += 1
             overflow = loss_ok and scaler.enabled  # fp16 scale too high: normal, not a failure
             bad_in_a_row = 0 if overflow else bad_in_a_row + 1
+        if loss_ok and pending is not None:
+            good, pending = pending, None
         scaler.update(loss_ok and norm_ok)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.progress.step += 1
         state.progress.tokens += n_targets
         step = state.progress.step
-        if bad_in_a_row >= cfg.log.max_bad_steps:
-            raise RuntimeError(
-                f"{bad_in_a_row} non-finite losses in a row at step {step}; stopping. The last "
-                f"good checkpoint is {ckpt_io.latest(out)}. Lower the learning rate, or use bf16.")
         elapsed = time.perf_counter() - t0
         tokens = sum(b["tokens"].numel() for b in micro) * dist.world_size
-        if step % cfg.log.every == 0 or step == cfg.optim.max_steps:
-            record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+        stop = bad_in_a_row >= cfg.log.max_bad_steps
+        if step % cfg.log.every == 0 or step == cfg.optim.max_steps or stop:
+            record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": norm, "tokens_per_s": tokens / elapsed,
                       "memory_gb": memory_bytes(dist.device) / 1e9,
                       "skipped_steps": state.progress.skipped_steps}
             if cfg.log.peak_tflops:
                 record["mfu"] = fpt * tokens / elapsed / (cfg.log.peak_tflops * 1e12 * dist.world_size)
             log.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if stop:
+            raise NonFiniteLoss(stop_message(out, bad_in_a_row, step, good, dist))
         if val_data is not None and cfg.log.eval_every and step % cfg.log.eval_every == 0:
             metrics = evaluate(model, val_data.batches(cfg.optim.micro_batch_size),
-                               cfg.log.eval_batches, dist)
+                               cfg.log.eval_batches, cfg.parallel.loss_chunk_size, dist)
             log.write({"step": step, **metrics})
             if dist.is_main:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.optim.max_steps:
-            ckpt_io.save(out, state, data.state_dict(), config_yaml, dist, cfg.checkpoint.keep_last)
+        due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.optim.max_steps
+        if due and bad_in_a_row == 0:  # never save weights whose last loss was not finite
+            pending = ckpt_io.save(out, state, data.state_dict(), config_yaml, dist,
+                                   cfg.checkpoint.keep_last, protect=good)
         bar.update(1)
     bar.close()
     return model
@@ -378,7 +413,7 @@ def script_main(argv: list[str] | None, prog: str, doc: str, make_data: DataFact
         path = export(cfg, built, dist)
         if dist.is_main:
             print(f"done: {path}")
-    except (DataError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (DataError, ConfigError, FileNotFoundError, ValueError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
