@@ -6,7 +6,12 @@ PY := $(VENV)/bin/python
 # The CPU wheel; GPU users install their own torch first and run `pip install -e .[test]`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-llamacpp clean
+.PHONY: demo test clean
+
+# llama.cpp itself, for the tests that load our GGUF in it: llama-cpp-python has no wheel on
+# PyPI, so pip builds llama.cpp from source the first time (about 5 minutes on 2 cores) and
+# caches the wheel; later installs on the same machine take seconds.
+LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -15,17 +20,16 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+$(VENV)/.llamacpp: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install -q -e ".[llamacpp]"
+	touch $@
+
 demo: $(VENV)/.installed
 	$(PY) -m train.recipe --workdir runs/demo --overwrite
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.llamacpp
 	$(PY) -m pytest -q tests
-
-# llama.cpp itself (llama-cpp-python builds it from source: 5-8 minutes on 2 cores, once;
-# pip caches the wheel). Not part of `make test`, whose llama.cpp tests skip without it.
-test-llamacpp: $(VENV)/.installed
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q llama-cpp-python
-	$(PY) -m pytest -q -m llamacpp tests
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -31,5 +31,7 @@ setup(
         "gguf": ["gguf>=0.10"],
         # real reference implementations the tests compare against
         "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "gguf>=0.10"],
+        # llama.cpp itself, to prove our GGUF files run there (built from source by pip)
+        "llamacpp": ["llama-cpp-python>=0.3"],
     },
 )
