@@ -38,7 +38,7 @@ from tokenizer.spm_io import load_sp, resolve_model_file
 from . import sft as sft_prep
 from . import text as text_prep
 from .shards import FORMAT, FORMAT_VERSION, META, DataError, dtype_for_vocab, read_meta
-from .templates import TEMPLATES
+from tokenizer.templates import TEMPLATES
 
 
 def expand_inputs(patterns: list[str], suffixes: tuple[str, ...]) -> list[Path]:

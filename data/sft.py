@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .shards import DataError, ShardWriter, dtype_for_vocab
-from .templates import TEMPLATES, format_prompt
+from tokenizer.templates import TEMPLATES, format_prompt
 from .text import processor
 
 SUFFIXES = (".json", ".jsonl")

@@ -2,9 +2,12 @@
 
     python -m model.generate MODEL --prompt TEXT [--max_new_tokens N] [--temperature T]
         [--top_k K] [--top_p P] [--repetition_penalty R] [--seed S] [--interactive]
+        [--template cla_v1|alpaca|llama2_cla_v2 [--system_prompt TEXT]]
 
 MODEL is a model directory or anything `model.convert` reads. Temperature 0 is greedy.
-An empty prompt starts from BOS alone. Generation stops at EOS.
+An empty prompt starts from BOS alone. Generation stops at EOS. With --template, each
+prompt is an instruction put into the template the model was tuned with (exactly as
+`data.prepare --sft` formatted its training data), and only the response is printed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tokenizer.spm_io import load_sp
+from tokenizer.templates import TEMPLATES, format_prompt
 
 from .checkpoint import load_model
 from .formats import read_checkpoint
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    p.add_argument("--template", choices=tuple(TEMPLATES),
+                   help="treat each prompt as an instruction in this SFT template; print the response only")
+    p.add_argument("--system_prompt", help="the system prompt of templates that have one (default: theirs)")
     p.add_argument("--tokenizer", help="sentencepiece model, if not beside the checkpoint")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
@@ -161,11 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _respond(model, sp, prompt: str, a: argparse.Namespace, cfg: SamplingConfig) -> None:
+    echo = a.template is None
+    if not echo:
+        prompt = format_prompt(a.template, prompt, system=a.system_prompt)
     ids = [sp.bos_id()] + sp.encode(prompt)
     generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(a.seed)
     stream = generate_ids(model, ids, a.max_new_tokens, cfg, stop_ids=(sp.eos_id(),),
                           allowed_vocab=sp.vocab_size(), generator=generator)
-    sys.stdout.write(prompt)
+    if echo:
+        sys.stdout.write(prompt)
     for piece in stream_text(sp, stream):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -15,7 +15,7 @@ from data.datasets import SFTDataset
 from data.prepare import build_parser, prepare
 from data.sft import Record, encode_sample
 from data.shards import DataError
-from data.templates import TEMPLATES, format_prompt
+from tokenizer.templates import TEMPLATES, format_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD = "Below is an instruction that describes a task. Write a response that appropriately " \

@@ -91,3 +91,28 @@ def test_interactive_and_help(shared_data, tmp_path):
     for module in ("model.generate", "model.resize", "model.convert", "train.recipe"):
         h = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
         assert h.returncode == 0 and "usage:" in h.stdout, module
+
+
+def test_template_wraps_the_instruction_and_prints_the_response(shared_data, tmp_path):
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+
+    from model.checkpoint import load_model
+    from model.convert import convert
+    from model.formats import read_checkpoint
+    from tokenizer.templates import format_prompt
+
+    src = shared_data / "models" / "stories260K"
+    convert(src / "stories260K.bin", tmp_path / "m", "zhllama", tokenizer=src / "tok512.model",
+            progress=False)
+    r = subprocess.run([sys.executable, "-m", "model.generate", str(tmp_path / "m"), "--template",
+                        "alpaca", "--prompt", "Tell a story.", "--temperature", "0",
+                        "--max_new_tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tok512.model"))
+    ids = [sp.bos_id()] + sp.encode(format_prompt("alpaca", "Tell a story."))
+    model = load_model(read_checkpoint(tmp_path / "m")).eval()
+    out = list(generate_ids(model, ids, 12, SamplingConfig(temperature=0), stop_ids=(sp.eos_id(),)))
+    assert r.stdout == sp.decode(out) + "\n" and "### Instruction" not in r.stdout

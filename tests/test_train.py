@@ -197,7 +197,7 @@ def test_stage2_starts_at_the_base_loss_and_its_adapter_merges(world, tmp_path):
 
 def test_sft_loss_counts_only_response_tokens(world, tmp_path):
     from data.datasets import SFTDataset
-    from data.templates import format_prompt
+    from tokenizer.templates import format_prompt
 
     run(train_cmd("sft", "sft.yaml", world, tmp_path / "sft", "--optim.max_steps=2",
                   "--optim.micro_batch_size=3"))

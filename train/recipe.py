@@ -53,7 +53,7 @@ def write_corpora(work: Path) -> dict[str, Path]:
     en, zh = english_documents(600, seed=1), chinese_documents(600, seed=2)
     files = {"en": corpus / "english.txt", "zh": corpus / "chinese.txt", "sft": corpus / "alpaca.json"}
     # Real LLaMA knows English well, the template's words included; so does our stand-in.
-    from data.templates import format_prompt
+    from tokenizer.templates import format_prompt
 
     template = format_prompt("cla_v1", "Continue the story.").replace("\n", " ")
     files["en"].write_text("\n".join(en + [template] * 200) + "\n", encoding="utf-8")
@@ -174,12 +174,9 @@ def run(work: Path, overwrite: bool = False) -> None:
           f"SFT {losses(work / 'sft')}")
     step(11, "merged and exported: Hugging Face, Meta .pth (2 shards), GGUF")
     ship(work)
-    from data.templates import format_prompt
-
-    prompt = format_prompt("cla_v1", "请续写：有一天，小明在")
-    out = python("-m", "model.generate", str(work / "final"), "--prompt", prompt,
-                 "--temperature", "0", "--max_new_tokens", "40")
-    step(12, f"generation: {out[len(prompt):].strip()!r}")
+    out = python("-m", "model.generate", str(work / "final"), "--template", "cla_v1", "--prompt",
+                 "请续写：有一天，小明在", "--temperature", "0", "--max_new_tokens", "40")
+    step(12, f"generation: {out.strip()!r}")
     print(f"done in {time.perf_counter() - t0:.0f} s; everything is under {work}")
 
 
