@@ -35,7 +35,8 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    remove_stale_temporaries(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
     try:
         yield tmp
         if dst.exists():
@@ -56,7 +57,8 @@ def atomic_output_file(dst: str | Path, overwrite: bool = False) -> Iterator[Pat
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
+    remove_stale_temporaries(dst)
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -64,6 +66,32 @@ def atomic_output_file(dst: str | Path, overwrite: bool = False) -> Iterator[Pat
         os.replace(tmp, dst)
     finally:
         _remove(tmp)
+
+
+def remove_stale_temporaries(dst: Path) -> None:
+    """Remove temporaries of `dst` left by runs that were killed (their process is gone).
+
+    A temporary's name carries its process id; one whose process still runs is another
+    run's work in progress and is left alone.
+    """
+    for tmp in dst.parent.glob(f".{glob_escape(dst.name)}.tmp-*"):
+        pid = tmp.name[len(dst.name) + 6 :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(tmp)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -285,6 +285,9 @@ def run(
         data_state = ckpt_io.load(resume_from, state, dist)
         if data_state is not None:
             data.load_state_dict(data_state)
+        elif dist.is_main:
+            print(f"warning: {resume_from} was saved by another number of ranks; the data order "
+                  "starts again from the beginning", file=sys.stderr)
         if dist.is_main:
             print(f"resumed from {resume_from} (step {state.progress.step})")
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, state.progress.step)
