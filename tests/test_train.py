@@ -135,6 +135,7 @@ def test_killed_run_resumes_bit_for_bit(world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "adapter").exists()
+    (tmp_path / "killed" / ".step-10.tmp").mkdir()  # as if killed while writing step 10
     run(cmd)  # started again on the same output_dir: resumes by itself
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
@@ -142,6 +143,7 @@ def test_killed_run_resumes_bit_for_bit(world, tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
     kept = sorted(p.name for p in (tmp_path / "killed").glob("step-*"))
     assert kept == ["step-12", "step-16"]  # keep_last 2
+    assert not list((tmp_path / "killed").glob(".step-*"))
     from train.config import load_config
 
     saved = load_config(tmp_path / "killed" / "step-16" / "config.yaml")

@@ -113,6 +113,14 @@ def set_aside(paths: list[Path], dist: DistInfo) -> None:
     barrier()
 
 
+def remove_partial(output_dir: Path, dist: DistInfo) -> None:
+    """Remove `.step-N.tmp` directories a killed run was writing (called at start)."""
+    if dist.is_main and output_dir.is_dir():
+        for tmp in output_dir.glob(".step-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+
+
 def latest(output_dir: Path) -> Path | None:
     dirs = step_dirs(output_dir)
     return dirs[-1][1] if dirs else None

@@ -280,6 +280,7 @@ def run(
     # Dropout draws from the global generators: seeded per rank (each rank its own masks),
     # so a run is reproducible; a resumed run restores the saved states instead.
     torch.manual_seed(cfg.seed * 100_003 + dist.rank)
+    ckpt_io.remove_partial(out, dist)
     resume_from = ckpt_io.latest(out)
     if resume_from is not None:
         data_state = ckpt_io.load(resume_from, state, dist)
