@@ -6,15 +6,20 @@ An adapter, whatever its origin, becomes `AdapterWeights`: per canonical weight 
 LoRA factors A (r, in), B (out, r) in Meta's rotary layout and their scaling, and the
 tensors that replace the base's whole (PEFT's `modules_to_save`, e.g. embeddings grown
 to 49,953 rows). `merge_adapter` then folds it into a `Checkpoint` lazily, tensor by
-tensor: W' = W + scaling · B·A, computed in float32.
+tensor: W' = W + scaling · B·A, computed in float32. Whole tensors stay on disk until the
+merge writes them. An adapter that does not fit its base — another model size, a
+vocabulary or tokenizer its embeddings do not cover, conflicting or unknown tensors — is
+refused with one FormatError saying why, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +28,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tokenizer.files import atomic_output_dir
+from tokenizer.spm_io import load_sp
 
 from .checkpoint import Checkpoint
 from .formats.hf import canonical_to_hf_name, hf_to_canonical_name, permute_from_hf, permute_to_hf
+from .llama import ModelArgs
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGET_ALIASES
 from .tensor_io import FormatError, TensorSpec, read_json, safe_torch_load
 
 _PEFT_PREFIX = "base_model.model."
 _PEFT_LORA = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
-_PEFT_SAVED = re.compile(r"(.+?)(?:\.modules_to_save(?:\.[^.]+)?|\.original_module)?\.weight")
+# A whole weight: plain (`embed_tokens.weight`), PEFT's trained copy
+# (`embed_tokens.modules_to_save[.default].weight`) or its untrained copy of the base's
+# (`embed_tokens.original_module.weight`), which must never be merged.
+_PEFT_SAVED = re.compile(r"(.+?)(\.modules_to_save(?:\.[^.]+)?|\.original_module)?\.weight")
 _OUR_LORA = re.compile(r"(.+)\.lora_([ab])")
+_VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")
+_RESIZE_HINT = "resize the base first (python -m model.resize)"
 
 
 @dataclass
@@ -41,33 +53,75 @@ class AdapterWeights:
 
     Attributes:
         lora: canonical weight name → (A, B, scaling), B rows in Meta's rotary layout.
-        replace: canonical weight name → the full tensor that replaces the base's.
+        replace: canonical weight name → shape of the full tensor that replaces the base's.
+        fetch: reads one of those replacing tensors from disk (they can be 49,953-row
+            embeddings: they are read when the merge writes them, not held all along).
         tokenizer: a tokenizer.model shipped with the adapter (it wins over the base's).
         path: where it was read from.
+        base: what our adapters record of the base they were trained over (adapter_config's
+            base_vocab_size, vocab_size, base_params); empty for PEFT's.
     """
 
     lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    replace: dict[str, torch.Tensor]
+    replace: dict[str, tuple[int, ...]]
+    fetch: Callable[[str], torch.Tensor]
     tokenizer: Path | None
     path: Path
+    base: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int | None:
-        emb = self.replace.get("tok_embeddings.weight")
-        return None if emb is None else emb.shape[0]
+        """Rows of the embeddings (or output layer) it carries; None if it carries neither."""
+        return next((self.replace[n][0] for n in _VOCAB_ROWS if n in self.replace), None)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    st, binary = path / ADAPTER_WEIGHTS, path / "adapter_model.bin"
-    if st.exists():
-        try:
-            with safe_open(st, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types
-            raise FormatError(f"{st}: not a readable safetensors file ({e})") from None
-    if binary.exists():
-        return dict(safe_torch_load(binary, mmap=False))
-    raise FormatError(f"{path}: no {ADAPTER_WEIGHTS} or adapter_model.bin")
+class _TensorFile:
+    """An adapter's tensors (adapter_model.safetensors, else adapter_model.bin), read one
+    at a time: shapes come from the header, data only when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        st, binary = path / ADAPTER_WEIGHTS, path / "adapter_model.bin"
+        self._file, self._tensors = st, None
+        if st.exists():
+            try:
+                with safe_open(st, framework="pt") as f:
+                    self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            except Exception as e:  # safetensors raises its own error types
+                raise FormatError(f"{st}: not a readable safetensors file ({e})") from None
+        elif binary.exists():
+            state = safe_torch_load(binary)  # mapped: tensors are read when touched
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise FormatError(f"{binary}: not a dictionary of tensors")
+            self._file, self._tensors = binary, state
+            self.shapes = {k: tuple(t.shape) for k, t in state.items()}
+        else:
+            raise FormatError(f"{path}: no {ADAPTER_WEIGHTS} or adapter_model.bin")
+        if not self.shapes:
+            raise FormatError(f"{self._file}: the adapter holds no tensors")
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.load([key])[key]
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        if self._tensors is not None:
+            return {k: self._tensors[k] for k in keys}
+        with safe_open(self._file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+
+    def equal(self, a: str, b: str, chunk_bytes: int = 64 << 20) -> bool:
+        """Whether two tensors are equal, compared a block of rows at a time."""
+        if self._tensors is not None:
+            return torch.equal(self._tensors[a], self._tensors[b])
+        shape = self.shapes[a]
+        if shape != self.shapes[b]:
+            return False
+        with safe_open(self._file, framework="pt") as f:
+            if not shape:
+                return torch.equal(f.get_tensor(a), f.get_tensor(b))
+            sa, sb = f.get_slice(a), f.get_slice(b)
+            row = 4 * max(1, math.prod(shape[1:]))  # bytes of a float32 row, an upper bound
+            step = max(1, chunk_bytes // row)
+            return all(torch.equal(sa[i:i + step], sb[i:i + step]) for i in range(0, shape[0], step))
 
 
 def read_adapter_weights(path: str | Path, n_heads: int, n_kv_heads: int) -> AdapterWeights:
@@ -76,10 +130,12 @@ def read_adapter_weights(path: str | Path, n_heads: int, n_kv_heads: int) -> Ada
     n_heads, n_kv_heads: the base model's, to bring PEFT's q/k factors to Meta's layout.
     """
     path = Path(path)
+    if not path.is_dir():
+        raise FormatError(f"{path}: no such adapter directory")
     config = read_json(path / ADAPTER_CONFIG)
-    tensors = _load_tensors(path)
-    if not tensors:
-        raise FormatError(f"{path}: the adapter holds no tensors")
+    if not isinstance(config, dict):
+        raise FormatError(f"{path / ADAPTER_CONFIG}: not a JSON object")
+    tensors = _TensorFile(path)
     tokenizer = path / "tokenizer.model"
     tokenizer = tokenizer if tokenizer.exists() else None
     if config.get("format") == "zhllama-lora":
@@ -90,45 +146,84 @@ def read_adapter_weights(path: str | Path, n_heads: int, n_kv_heads: int) -> Ada
                       f"(peft_type {config.get('peft_type')!r})")
 
 
-def _ours(config, tensors, tokenizer, path) -> AdapterWeights:
-    scaling = config["alpha"] / config["r"]
+def _positive(config: dict[str, Any], key: str, where: Path) -> float:
+    """config[key] as a positive number, or one FormatError naming the file and the key."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        what = "missing" if value is None else f"{value!r}, not a positive number"
+        raise FormatError(f"{where}: '{key}' is {what}")
+    return value
+
+
+def _ours(config: dict[str, Any], tensors: _TensorFile, tokenizer: Path | None,
+          path: Path) -> AdapterWeights:
+    where = path / ADAPTER_CONFIG
+    scaling = _positive(config, "alpha", where) / _positive(config, "r", where)
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    replace = {}
-    for name, t in tensors.items():
-        if m := _OUR_LORA.fullmatch(name):
-            factors.setdefault(m.group(1) + ".weight", {})[m.group(2)] = t
-        else:
-            replace[name] = t
+    lora_keys = [k for k in tensors.shapes if _OUR_LORA.fullmatch(k)]
+    for name, t in tensors.load(lora_keys).items():
+        m = _OUR_LORA.fullmatch(name)
+        factors.setdefault(m.group(1) + ".weight", {})[m.group(2)] = t
+    replace = {k: shape for k, shape in tensors.shapes.items() if k not in lora_keys}
     lora = {n: (f["a"], f["b"], scaling) for n, f in factors.items() if {"a", "b"} <= f.keys()}
     if len(lora) != len(factors):
         raise FormatError(f"{path}: a LoRA factor without its partner")
-    return AdapterWeights(lora, replace, tokenizer, path)
+    base = {k: config.get(k) for k in ("base_vocab_size", "vocab_size", "base_params")}
+    return AdapterWeights(lora, replace, tensors.get, tokenizer, path, base)
 
 
-def _peft_scaling(config: dict[str, Any], module: str) -> float:
+def _peft_scaling(config: dict[str, Any], module: str, r: float, alpha: float) -> float:
     """lora_alpha / r, with PEFT's per-module patterns and rank-stabilised variant."""
-    r = next((v for k, v in (config.get("rank_pattern") or {}).items() if module.endswith(k)),
-             config["r"])
+    r = next((v for k, v in (config.get("rank_pattern") or {}).items() if module.endswith(k)), r)
     alpha = next((v for k, v in (config.get("alpha_pattern") or {}).items() if module.endswith(k)),
-                 config["lora_alpha"])
+                 alpha)
     return alpha / (r**0.5 if config.get("use_rslora") else r)
 
 
-def _peft(config, tensors, n_heads, n_kv_heads, tokenizer, path) -> AdapterWeights:
-    if config.get("use_dora"):
-        raise FormatError(f"{path}: DoRA adapters are not supported (only plain LoRA)")
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    replace = {}
-    for key, t in tensors.items():
+def _peft_whole_weights(config: dict[str, Any], tensors: _TensorFile, path: Path) -> dict[str, str]:
+    """Canonical name → file key of each whole weight that replaces the base's.
+
+    PEFT saves a `modules_to_save` layer up to three times: the trained copy, the same
+    under the plain name (when the embeddings were resized), and `original_module`, the
+    base's untrained copy, which is skipped. Two trained copies that differ are refused
+    rather than guessed between.
+    """
+    listed = config.get("modules_to_save") or []
+    found: dict[str, dict[str, str]] = {}
+    for key in tensors.shapes:
         name = key.removeprefix(_PEFT_PREFIX)
-        if m := _PEFT_LORA.fullmatch(name):
-            factors.setdefault(m.group(1), {})[m.group(2)] = t
+        if _PEFT_LORA.fullmatch(name):
             continue
         m = _PEFT_SAVED.fullmatch(name)
-        ours = hf_to_canonical_name(m.group(1) + ".weight") if m else None
-        if ours is None:
+        if m and m.group(2) == ".original_module":
+            continue
+        module = m.group(1) if m else name
+        ours = hf_to_canonical_name(module + ".weight")
+        # peft saves embeddings it resized even when unlisted; any other unlisted weight
+        # it would not load, so neither do we
+        if ours is None or not (ours in _VOCAB_ROWS or any(module == s or module.endswith("." + s)
+                                                           for s in listed)):
             raise FormatError(f"{path}: unsupported adapter tensor {key}")
-        replace[ours] = t
+        found.setdefault(ours, {})["trained" if m.group(2) else "plain"] = key
+    for keys in found.values():
+        if len(keys) == 2 and not tensors.equal(keys["plain"], keys["trained"]):
+            raise FormatError(f"{path}: {keys['plain']} and {keys['trained']} differ; "
+                              "cannot tell which one was trained")
+    return {ours: keys.get("trained", keys.get("plain")) for ours, keys in found.items()}
+
+
+def _peft(config: dict[str, Any], tensors: _TensorFile, n_heads: int, n_kv_heads: int,
+          tokenizer: Path | None, path: Path) -> AdapterWeights:
+    where = path / ADAPTER_CONFIG
+    r, alpha = _positive(config, "r", where), _positive(config, "lora_alpha", where)
+    if config.get("use_dora"):
+        raise FormatError(f"{path}: DoRA adapters are not supported (only plain LoRA)")
+    whole = _peft_whole_weights(config, tensors, path)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    lora_keys = [k for k in tensors.shapes if _PEFT_LORA.fullmatch(k.removeprefix(_PEFT_PREFIX))]
+    for key, t in tensors.load(lora_keys).items():
+        m = _PEFT_LORA.fullmatch(key.removeprefix(_PEFT_PREFIX))
+        factors.setdefault(m.group(1), {})[m.group(2)] = t
     lora = {}
     heads = {"wq": n_heads, "wk": n_kv_heads}
     for module, f in factors.items():
@@ -141,29 +236,74 @@ def _peft(config, tensors, n_heads, n_kv_heads, tokenizer, path) -> AdapterWeigh
         kind = ours.split(".")[-2]
         if kind in heads:  # B's rows are HF's rotary layout; A (the input side) is unaffected
             b = permute_from_hf(b, heads[kind])
-        lora[ours] = (a, b, _peft_scaling(config, module))
-    return AdapterWeights(lora, replace, tokenizer, path)
+        lora[ours] = (a, b, _peft_scaling(config, module, r, alpha))
+    replace = {ours: tensors.shapes[key] for ours, key in whole.items()}
+    return AdapterWeights(lora, replace, lambda name: tensors.get(whole[name]), tokenizer, path)
 
 
-def merge_adapter(ckpt: Checkpoint, adapter: AdapterWeights) -> Checkpoint:
-    """The checkpoint with the adapter folded in (lazily: tensors are merged as fetched)."""
-    args = ckpt.args
+def _check_recorded_base(args: ModelArgs, adapter: AdapterWeights) -> None:
+    """Hold what our adapter recorded of its base (adapter_config.json) against this base."""
+    where, rec = adapter.path / ADAPTER_CONFIG, adapter.base
+    params = rec.get("base_params") or {}
+    want = {**params, "n_kv_heads": params.get("n_kv_heads") or params.get("n_heads")}
+    have = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+            "n_kv_heads": args.kv_heads}
+    for key, value in have.items():
+        if want.get(key) is not None and want[key] != value:
+            raise FormatError(f"{where}: made for a base with {key} {want[key]}, this base has "
+                              f"{value}: the adapter was made for another base size")
+    rows = adapter.vocab_size
+    if rows is not None:  # it carries its embeddings: they replace the base's whatever its size
+        if rec.get("vocab_size") not in (None, rows):
+            raise FormatError(f"{where}: says vocab_size {rec['vocab_size']}, but its embeddings "
+                              f"have {rows} rows")
+        return
+    for key in ("base_vocab_size", "vocab_size"):
+        n = rec.get(key)
+        if n is not None and n != args.vocab_size:
+            hint = _RESIZE_HINT if n > args.vocab_size else "it was made for another base"
+            raise FormatError(f"{where}: trained with a {n}-row vocabulary ({key}), but this base "
+                              f"has {args.vocab_size} rows; {hint}")
+
+
+def _check_vocab(args: ModelArgs, adapter: AdapterWeights) -> int:
+    """The vocabulary size after merging the adapter, or a FormatError saying why it does not fit."""
+    carried = {n: adapter.replace[n] for n in _VOCAB_ROWS if n in adapter.replace}
+    for name, shape in carried.items():
+        if len(shape) != 2 or shape[1] != args.dim:
+            raise FormatError(f"{adapter.path}: {name} has shape {list(shape)}, but the base's rows "
+                              f"have {args.dim} values: the adapter was made for another base size")
+    if len({shape[0] for shape in carried.values()}) > 1:
+        raise FormatError(f"{adapter.path}: its embeddings and output layer have different "
+                          f"vocabularies ({', '.join(str(s[0]) for s in carried.values())} rows)")
     vocab = adapter.vocab_size or args.vocab_size
     if vocab < args.vocab_size:
         raise FormatError(f"{adapter.path}: the adapter's vocabulary ({vocab}) is smaller than the "
                           f"base model's ({args.vocab_size}); it was made for another base")
-    if vocab > args.vocab_size and "output.weight" not in adapter.replace:
+    if vocab > args.vocab_size and len(carried) < 2:
+        missing = next(n for n in _VOCAB_ROWS if n not in carried)
         raise FormatError(f"{adapter.path}: the adapter grows the vocabulary to {vocab} but does "
-                          "not carry the output layer; resize the base first")
-    new_args = args.replace(vocab_size=vocab)
-    specs = dict(ckpt.specs)
-    for name, t in adapter.replace.items():
+                          f"not carry {missing}; {_RESIZE_HINT}")
+    pieces = load_sp(adapter.tokenizer).vocab_size() if adapter.tokenizer else 0
+    if pieces > vocab and not carried:
+        raise FormatError(f"{adapter.path}: the adapter carries no embeddings for its {pieces}-piece "
+                          f"tokenizer (the base has {vocab} rows); {_RESIZE_HINT}")
+    if pieces > vocab:
+        raise FormatError(f"{adapter.path}: its tokenizer has {pieces} pieces, its embeddings only "
+                          f"{vocab} rows")
+    return vocab
+
+
+def _merged_specs(specs: dict[str, TensorSpec], adapter: AdapterWeights) -> dict[str, TensorSpec]:
+    """The base's tensor specs with the adapter's replacements, checked against the base."""
+    specs = dict(specs)
+    for name, shape in adapter.replace.items():
         if name not in specs:
             raise FormatError(f"{adapter.path}: replaces {name}, which the base does not have")
-        if name not in ("tok_embeddings.weight", "output.weight") and tuple(t.shape) != specs[name].shape:
-            raise FormatError(f"{adapter.path}: {name} has shape {list(t.shape)}, the base "
+        if name not in _VOCAB_ROWS and shape != specs[name].shape:
+            raise FormatError(f"{adapter.path}: {name} has shape {list(shape)}, the base "
                               f"{list(specs[name].shape)}: the adapter was made for another base size")
-        specs[name] = TensorSpec(tuple(t.shape), specs[name].dtype)
+        specs[name] = TensorSpec(shape, specs[name].dtype)
     for name, (a, b, _) in adapter.lora.items():
         if name not in specs:
             raise FormatError(f"{adapter.path}: has LoRA factors for {name}, which the base does not have")
@@ -171,19 +311,33 @@ def merge_adapter(ckpt: Checkpoint, adapter: AdapterWeights) -> Checkpoint:
         if out_in != specs[name].shape or a.shape[0] != b.shape[1]:
             raise FormatError(f"{adapter.path}: LoRA factors of {name} give {list(out_in)}, the base "
                               f"weight is {list(specs[name].shape)}: made for another base size")
-    get = ckpt.get
+    return specs
+
+
+def merge_adapter(ckpt: Checkpoint, adapter: AdapterWeights) -> Checkpoint:
+    """The checkpoint with the adapter folded in (lazily: tensors are merged as fetched).
+
+    Raises:
+        FormatError: the adapter does not fit this base (size, vocabulary, tokenizer).
+    """
+    if adapter.base:
+        _check_recorded_base(ckpt.args, adapter)
+    vocab = _check_vocab(ckpt.args, adapter)
+    specs = _merged_specs(ckpt.specs, adapter)
+    get, fetch = ckpt.get, adapter.fetch
 
     def get_merged(name: str) -> torch.Tensor:
         dtype = specs[name].dtype
         if name in adapter.replace:
-            return adapter.replace[name].to(dtype)
+            return fetch(name).to(dtype)
         w = get(name)
-        if name in adapter.lora:
-            a, b, scaling = adapter.lora[name]
-            w = (w.float() + scaling * (b.float() @ a.float())).to(dtype)
-        return w
+        if name not in adapter.lora:
+            return w
+        a, b, scaling = adapter.lora[name]
+        delta = b.float() @ a.float()  # (out, r) @ (r, in): the update, in float32
+        return delta.mul_(scaling).add_(w).to(dtype)  # one float32 matrix, not three
 
-    return ckpt.replace(args=new_args, specs=specs, get=get_merged,
+    return ckpt.replace(args=ckpt.args.replace(vocab_size=vocab), specs=specs, get=get_merged,
                         tokenizer=adapter.tokenizer or ckpt.tokenizer)
 
 
@@ -191,16 +345,18 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
     """Write one of our adapters in PEFT's layout, loadable with `PeftModel.from_pretrained`
     over our Hugging Face export of the same base."""
     src = Path(src)
-    config = read_json(src / ADAPTER_CONFIG)
-    if config.get("format") != "zhllama-lora":
+    where = src / ADAPTER_CONFIG
+    config = read_json(where)
+    if not isinstance(config, dict) or config.get("format") != "zhllama-lora":
         raise FormatError(f"{src}: not a zhllama adapter")
     params = config.get("base_params") or {}
     if "n_heads" not in params:
-        raise FormatError(f"{src / ADAPTER_CONFIG}: base_params (head counts) missing; re-save the adapter")
+        raise FormatError(f"{where}: base_params (head counts) missing; re-save the adapter")
     n_heads = params["n_heads"]
     heads = {"wq": n_heads, "wk": params.get("n_kv_heads") or n_heads}
     tensors = {}
-    for name, t in _load_tensors(src).items():
+    stored = _TensorFile(src)
+    for name, t in stored.load(list(stored.shapes)).items():
         if m := _OUR_LORA.fullmatch(name):
             hf = canonical_to_hf_name(m.group(1) + ".weight").removesuffix(".weight")
             kind = m.group(1).split(".")[-1]
@@ -212,10 +368,10 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
     hf_names = {v: k for k, v in TARGET_ALIASES.items()}
     saved = {"tok_embeddings": "embed_tokens", "output": "lm_head"}
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config["r"],
-        "lora_alpha": config["alpha"], "lora_dropout": config["dropout"],
-        "target_modules": [hf_names[t] for t in config["targets"]],
-        "modules_to_save": [saved.get(m, m) for m in config["modules_to_save"]] or None,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": _positive(config, "r", where),
+        "lora_alpha": _positive(config, "alpha", where), "lora_dropout": config.get("dropout", 0.0),
+        "target_modules": [hf_names.get(t, t) for t in config.get("targets") or ()],
+        "modules_to_save": [saved.get(m, m) for m in config.get("modules_to_save") or ()] or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "base_model_name_or_path": None,
     }

@@ -1,7 +1,8 @@
 """Convert LLaMA checkpoints between formats, streaming tensor by tensor.
 
-    python -m model.convert SRC DST --to zhllama|hf|meta [--tokenizer PATH] [--dtype D]
+    python -m model.convert SRC DST --to zhllama|hf|meta|gguf [--tokenizer PATH] [--dtype D]
         [--shards N] [--pad_vocab_to_multiple_of M] [--max_shard_size 5GB] [--overwrite]
+    python -m model.convert SRC OUT.gguf --to gguf [--dtype f32|f16|q8_0]   # for llama.cpp
 
 SRC is detected: a Meta directory (consolidated.NN.pth + params.json), a Hugging Face
 directory (config.json + safetensors or pytorch_model*.bin), a zhllama model directory,

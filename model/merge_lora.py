@@ -1,7 +1,8 @@
 """Merge one or several LoRA adapters (ours or PEFT's) into a base model, and export it.
 
     python -m model.merge_lora --base_model MODEL --lora_model A[,B,..] \\
-        --output_type zhllama|huggingface|pth|gguf --output_dir DIR [--dtype D] [--shards N]
+        --output_type zhllama|huggingface|pth|gguf --output_dir DIR [--dtype D] [--shards N] \\
+        [--tokenizer PATH]
 
 The adapters are applied in the order given, as Chinese-LLaMA-Alpaca's merge script does
 (e.g. `--lora_model chinese-llama-plus-lora,chinese-alpaca-plus-lora`). Before each, the
@@ -9,17 +10,22 @@ base's embeddings and output layer take the adapter's vocabulary: an adapter tha
 them (`modules_to_save`) carries them whole and they replace the base's. Each weight
 becomes W + (α/r)·B·A, computed in float32, as the output is written — tensor by tensor,
 so a 7B merge needs little more memory than the adapters themselves. The tokenizer goes
-with the result; an adapter directory's tokenizer.model wins over the base's.
+with the result; an adapter directory's tokenizer.model wins over the base's, and
+--tokenizer over both. On any error nothing is left at --output_dir.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+from tokenizer.files import atomic_output_dir
+from tokenizer.spm_io import load_sp
 
 from .adapters import merge_adapter, read_adapter_weights
 from .checkpoint import Checkpoint
-from .convert import parse_size, write
+from .convert import GGUF_DTYPES, parse_size, write
 from .formats import read_checkpoint
 from .tensor_io import FormatError, return_freed_memory_promptly
 
@@ -27,20 +33,53 @@ OUTPUT_TYPES = {"zhllama": "zhllama", "huggingface": "hf", "hf": "hf", "pth": "m
                 "meta": "meta", "gguf": "gguf"}
 
 
-def merge(base_model: str | Path, lora_models: list[str | Path], *, progress: bool = True) -> Checkpoint:
-    """The base checkpoint with every adapter folded in, in order (lazily)."""
-    ckpt = read_checkpoint(base_model, progress=progress)
+def merge(base_model: str | Path, lora_models: list[str | Path], *,
+          tokenizer: str | Path | None = None, progress: bool = True) -> Checkpoint:
+    """The base checkpoint with every adapter folded in, in order (lazily).
+
+    Args:
+        tokenizer: a sentencepiece model to ship with the result instead of the base's or
+            an adapter's (a file, or a directory holding tokenizer.model).
+    """
+    if not lora_models:
+        raise ValueError("no adapter to merge: give --lora_model one or more directories")
+    ckpt = read_checkpoint(base_model, tokenizer=tokenizer, progress=progress)
+    chosen = ckpt.tokenizer if tokenizer is not None else None
     for path in lora_models:
         adapter = read_adapter_weights(path, ckpt.args.n_heads, ckpt.args.kv_heads)
         ckpt = merge_adapter(ckpt, adapter)
+    if chosen is not None:
+        pieces = load_sp(chosen).vocab_size()
+        if pieces > ckpt.args.vocab_size:
+            raise FormatError(f"{chosen}: {pieces} pieces, but the merged model has "
+                              f"{ckpt.args.vocab_size} embedding rows")
+        ckpt = ckpt.replace(tokenizer=chosen)
     return ckpt
 
 
 def output_path(output_dir: Path, output_type: str, dtype: str | None) -> Path:
     """Where the result goes: the directory itself, or a .gguf file inside it."""
     if OUTPUT_TYPES[output_type] == "gguf":
-        return output_dir / f"model-{dtype or 'f16'}.gguf"
+        return output_dir / f"model-{GGUF_DTYPES.get(dtype or 'f16', dtype)}.gguf"
     return output_dir
+
+
+def write_output(ckpt: Checkpoint, output_dir: str | Path, output_type: str, *,
+                 overwrite: bool = False, **options: Any) -> Path:
+    """Write the merged checkpoint (options: those of `model.convert.write`); returns the path.
+
+    Every writer builds its output under a temporary name and renames it at the end. A
+    .gguf goes into --output_dir: an existing directory receives just the file, a new one
+    is itself created whole, so a failure leaves no empty directory behind.
+    """
+    to, out_dir = OUTPUT_TYPES[output_type], Path(output_dir)
+    dst = output_path(out_dir, output_type, options.get("dtype"))
+    if to != "gguf" or out_dir.is_dir():
+        write(ckpt, dst, to, overwrite=overwrite, **options)
+    else:
+        with atomic_output_dir(out_dir) as tmp:
+            write(ckpt, tmp / dst.name, to, **options)
+    return dst
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter directories, comma-separated, applied in this order")
     p.add_argument("--output_type", required=True, choices=sorted(OUTPUT_TYPES))
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--tokenizer", help="sentencepiece model (file or directory) to ship with the "
+                   "result; overrides the base's and the adapters'")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "f32", "f16", "q8_0"),
                    help="output dtype (default: the base's; GGUF: f16)")
     p.add_argument("--shards", type=int, default=1, help="model-parallel shards for pth")
@@ -66,22 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     return_freed_memory_promptly()
-    out_dir = Path(a.output_dir)
-    dst = output_path(out_dir, a.output_type, a.dtype)
+    adapters = [s.strip() for s in a.lora_model.split(",") if s.strip()]
     try:
-        if OUTPUT_TYPES[a.output_type] == "gguf":
-            out_dir.mkdir(parents=True, exist_ok=True)
-        elif out_dir.exists() and not a.overwrite:
-            raise FileExistsError(f"{out_dir} already exists (use --overwrite to replace it)")
-        ckpt = merge(a.base_model, [s for s in a.lora_model.split(",") if s],
-                     progress=not a.no_progress)
-        write(ckpt, dst, OUTPUT_TYPES[a.output_type], dtype=a.dtype, shards=a.shards,
-              pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
-              max_shard_bytes=parse_size(a.max_shard_size), overwrite=a.overwrite,
-              progress=not a.no_progress)
+        dst = output_path(Path(a.output_dir), a.output_type, a.dtype)
+        if dst.exists() and not a.overwrite:  # fail before the (long) merge, not after
+            raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
+        ckpt = merge(a.base_model, adapters, tokenizer=a.tokenizer, progress=not a.no_progress)
+        write_output(ckpt, a.output_dir, a.output_type, overwrite=a.overwrite, dtype=a.dtype,
+                     shards=a.shards, pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
+                     max_shard_bytes=parse_size(a.max_shard_size), progress=not a.no_progress)
     except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {dst}: vocabulary {ckpt.args.vocab_size}, adapters applied in order: {a.lora_model}")
+    print(f"wrote {dst}: vocabulary {ckpt.args.vocab_size}, adapters applied in order: "
+          f"{', '.join(adapters)}")
 
 
 if __name__ == "__main__":

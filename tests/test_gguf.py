@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -73,10 +78,26 @@ def test_q8_0_and_padded_vocabulary(tmp_path, shared_data):
     out = tmp_path / "q.gguf"
     convert(tmp_path / "m", out, "gguf", dtype="q8_0", pad_vocab_to_multiple_of=96, progress=False)
     r = gguf.GGUFReader(out)
+    expected = {
+        "general.architecture": "llama", "llama.context_length": 256, "llama.embedding_length": 64,
+        "llama.block_count": 2, "llama.feed_forward_length": args.hidden_dim,
+        "llama.attention.head_count": 4, "llama.attention.head_count_kv": 4,
+        "llama.rope.dimension_count": 16, "llama.rope.freq_base": 10000.0,
+        "llama.vocab_size": 576, "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0),
+        "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+    }
+    for key, value in expected.items():
+        assert field(r, key) == value, key
+    assert abs(field(r, "llama.attention.layer_norm_rms_epsilon") - 1e-6) < 1e-12
+    assert "tokenizer.ggml.padding_token_id" not in r.fields  # tok512 has no pad piece
+    # the vocabulary is padded to the embedding's 576 rows, in every per-token array
     tokens = field(r, "tokenizer.ggml.tokens")
     assert len(tokens) == 576 and tokens[512:515] == ["[PAD1]", "[PAD2]", "[PAD3]"]
-    assert field(r, "tokenizer.ggml.token_type")[-1] == int(gguf.TokenType.UNUSED)
+    assert len(field(r, "tokenizer.ggml.scores")) == 576
+    types = field(r, "tokenizer.ggml.token_type")
+    assert len(types) == 576 and set(types[512:]) == {int(gguf.TokenType.UNUSED)}
     written = tensors(r)
+    assert [int(n) for n in written["token_embd.weight"].shape] == [64, 576]  # GGML: (cols, rows)
     for name, t in model.state_dict().items():
         g = written[gguf_name(name)]
         if t.ndim == 1:
@@ -87,6 +108,21 @@ def test_q8_0_and_padded_vocabulary(tmp_path, shared_data):
         rows = t.shape[0] if "tok_embeddings" not in name and name != "output.weight" else 576
         back = back.reshape(rows, t.shape[1])[: t.shape[0]]
         assert np.abs(back - t.numpy()).max() <= np.abs(t.numpy()).max() / 127 + 1e-6
+
+
+def test_tensors_are_encoded_without_a_float32_detour_and_exactly():
+    """bf16 goes straight to f16, and Q8_0 is quantized a block of rows at a time: both give
+    exactly what gguf's own conversion of the whole float32 tensor gives."""
+    from model.formats.gguf import _encode
+
+    q = gguf.GGMLQuantizationType
+    t = (torch.randn(301, 96, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    whole = t.float().numpy()
+    f16 = _encode(t, q.F16, gguf)
+    assert f16.dtype == np.float16 and np.array_equal(f16, gguf.quants.quantize(whole, q.F16))
+    q8 = _encode(t, q.Q8_0, gguf, chunk_bytes=4096)  # 10 rows a block: 31 blocks, the last short
+    assert np.array_equal(q8, gguf.quants.quantize(whole, q.Q8_0))
+    assert np.array_equal(_encode(t.float(), q.F32, gguf), whole)
 
 
 def test_q8_0_falls_back_to_f16_for_odd_rows(stories, tmp_path):
@@ -119,31 +155,70 @@ def test_llama_cpp_runs_our_gguf_like_we_do(stories, tmp_path):
     assert greedy == list(generate_ids(ours, prompt, 40, SamplingConfig(temperature=0)))[: len(greedy)]
 
 
-@pytest.mark.llamacpp
-def test_llama_cpp_tokenizes_chinese_like_sentencepiece(shared_data, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from types import SimpleNamespace
-
+@pytest.fixture(scope="module")
+def zh_pad_model(tmp_path_factory):
+    """A tiny model over the published Chinese-LLaMA tokenizer merge with `<pad>` appended
+    (tokenizer.merge.add_pad_piece), as a zhllama directory."""
+    from tests.conftest import SHARED_DATA
     from tokenizer.merge import merge
 
-    # the published Chinese-LLaMA merge (+ pad): its appended pieces all score 0, a tie
-    # that llama.cpp must break as sentencepiece does
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test material not found at {SHARED_DATA}")
+    tmp = tmp_path_factory.mktemp("zh_pad")
     merge(SimpleNamespace(
-        llama_tokenizer_dir=str(shared_data / "tokenizers" / "llama_tokenizer.model"),
-        chinese_sp_model_file=str(shared_data / "tokenizers" / "chinese_sp.model"),
-        output_dir=str(tmp_path / "tok"), add_pad_token=True, drop_digit_pieces=False,
+        llama_tokenizer_dir=str(SHARED_DATA / "tokenizers" / "llama_tokenizer.model"),
+        chinese_sp_model_file=str(SHARED_DATA / "tokenizers" / "chinese_sp.model"),
+        output_dir=str(tmp / "tok"), add_pad_token=True, drop_digit_pieces=False,
         drop_ascii_pieces=False, drop_unreachable_pieces=False, new_piece_scores="zero",
         overwrite=False))
-    tok = tmp_path / "tok" / "tokenizer.model"
-    sp = spm.SentencePieceProcessor(model_file=str(tok))
-    args = named_args("tiny", vocab_size=sp.vocab_size())
+    tok = tmp / "tok" / "tokenizer.model"
+    args = named_args("tiny", vocab_size=spm.SentencePieceProcessor(model_file=str(tok)).vocab_size())
     write_model_dir(from_state_dict(random_model(args).state_dict(), args, tokenizer=tok),
-                    tmp_path / "m", progress=False)
-    convert(tmp_path / "m", tmp_path / "zh.gguf", "gguf", dtype="f16", progress=False)
+                    tmp / "m", progress=False)
+    return tmp / "m"
+
+
+def test_pad_token_is_one_id_in_sft_data_hf_export_and_gguf(zh_pad_model, shared_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    sp = spm.SentencePieceProcessor(model_file=str(zh_pad_model / "tokenizer.model"))
+    pad = sp.pad_id()
+    assert pad == 49953 and sp.id_to_piece(pad) == "<pad>" and sp.is_control(pad)
+    # SFT data: the ids the trainer pads and masks with
+    records = json.loads((shared_data / "sft" / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    (tmp_path / "sft.json").write_text(json.dumps(records[:20], ensure_ascii=False), encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "data.prepare", "--sft", "--tokenizer",
+                        str(zh_pad_model / "tokenizer.model"), "--input", str(tmp_path / "sft.json"),
+                        "--output_dir", str(tmp_path / "sft"), "--num_workers", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "sft" / "meta.json").read_text())["special_ids"]["pad"] == pad
+    # Hugging Face export: the model's config and the tokenizer transformers builds
+    convert(zh_pad_model, tmp_path / "hf", "hf", progress=False)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"] == pad
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").pad_token_id == pad
+    # GGUF: the same id, and the piece stays a CONTROL token (see model/formats/gguf.py)
+    convert(zh_pad_model, tmp_path / "zh.gguf", "gguf", dtype="f16", progress=False)
+    reader = gguf.GGUFReader(tmp_path / "zh.gguf")
+    assert field(reader, "tokenizer.ggml.padding_token_id") == pad
+    assert field(reader, "tokenizer.ggml.tokens")[pad] == "<pad>"
+    assert field(reader, "tokenizer.ggml.token_type")[pad] == int(gguf.TokenType.CONTROL)
+    assert len(field(reader, "tokenizer.ggml.tokens")) == field(reader, "llama.vocab_size") == 49954
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_tokenizes_chinese_like_sentencepiece(zh_pad_model, shared_data, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # the published Chinese-LLaMA merge (+ pad): its appended pieces all score 0, a tie
+    # that llama.cpp must break as sentencepiece does
+    sp = spm.SentencePieceProcessor(model_file=str(zh_pad_model / "tokenizer.model"))
+    convert(zh_pad_model, tmp_path / "zh.gguf", "gguf", dtype="f16", progress=False)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "zh.gguf"), vocab_only=True, verbose=False)
     assert llm.token_eos() == 2 and llm.n_vocab() == 49954
+    assert llama_cpp.llama_vocab_pad(llama_cpp.llama_model_get_vocab(llm.model)) == sp.pad_id()
     lines = (shared_data / "corpus" / "lunyu.txt").read_text(encoding="utf-8").splitlines()[:50]
     lines += (shared_data / "corpus" / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()[:50]
-    lines += ["Hello world, 你好世界! 2023年", "李白（701年—762年），字太白"]
+    # "<pad>" as text stays text (the piece is CONTROL, not USER_DEFINED), as in sentencepiece
+    lines += ["Hello world, 你好世界! 2023年", "李白（701年—762年），字太白", "text with <pad> in it"]
     for text in lines:
         assert llm.tokenize(text.encode("utf-8"), add_bos=True) == [sp.bos_id()] + sp.encode(text), text
+    assert sp.pad_id() not in llm.tokenize(b"text with <pad> in it")

@@ -180,9 +180,10 @@ def test_train_then_merge_then_report(real, tmp_path):
     lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
     chars = sum(map(len, lines))
     for row, path in ((base_row, real.base), (merged_row, tmp_path / "merged" / "tokenizer.model")):
-        ids = [i for row_ids in sp(path).encode(lines) for i in row_ids]
+        proc = sp(path)
+        ids = [i for row_ids in proc.encode(lines) for i in row_ids]
         assert float(row[2]) == pytest.approx(1000 * len(ids) / chars, abs=0.05)
-        byte_share = sum(sp(path).is_byte(i) for i in ids) / len(ids)
+        byte_share = sum(proc.is_byte(i) for i in ids) / len(ids)
         assert float(row[4].rstrip("%")) == pytest.approx(100 * byte_share, abs=0.05)
     assert base_row[8] == "1.000×" and float(merged_row[8].rstrip("×")) < 0.8  # Chinese: fewer tokens
 

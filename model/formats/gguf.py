@@ -9,6 +9,13 @@ the tensors under llama.cpp's names. GGUF keeps Meta's rotary layout, which is o
 and k go in unpermuted (llama.cpp's own converter un-permutes Hugging Face's). Norms stay
 float32; with q8_0, a matrix whose rows are not a multiple of the 32-value block falls
 back to f16. The file is written tensor by tensor into a temporary path, then renamed.
+
+Token types are sentencepiece's own, so an added `<pad>` (a CONTROL piece, see
+`tokenizer.merge.add_pad_piece`) is written as CONTROL, and `tokenizer.ggml.padding_token_id`
+names it. That is deliberate, not USER_DEFINED: llama.cpp matches user-defined pieces in
+any text, so the literal text "<pad>" in a prompt would become the pad id, whereas it
+parses control pieces only when asked to parse special tokens — by default "<pad>" is
+tokenized as text, exactly as sentencepiece (and our data preparation and HF export) do.
 """
 
 from __future__ import annotations
@@ -59,13 +66,23 @@ def _ggml_type(shape: tuple[int, ...], ftype: str, gguf):
     return q.F16
 
 
-def _encode(t: torch.Tensor, qtype, gguf) -> np.ndarray:
-    """The bytes of a tensor in its GGML type (a numpy array the writer can dump)."""
+def _encode(t: torch.Tensor, qtype, gguf, chunk_bytes: int = 32 << 20) -> np.ndarray:
+    """The bytes of a tensor in its GGML type (a numpy array the writer can dump).
+
+    Cast straight from the checkpoint's dtype (bf16 → f16 is one pass): a float32 copy
+    first would double the largest allocation of the export, a 49,953-row embedding.
+    Q8_0 quantizes float32 input, so rows are converted a block at a time.
+    """
     q = gguf.GGMLQuantizationType
-    arr = t.detach().float().numpy()
-    if qtype == q.Q8_0:
-        return gguf.quants.quantize(arr, q.Q8_0)
-    return arr.astype(np.float16) if qtype == q.F16 else arr
+    t = t.detach()
+    if qtype != q.Q8_0:
+        return t.to(torch.float32 if qtype == q.F32 else torch.float16).numpy()
+    rows = t.reshape(-1, t.shape[-1])
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(tuple(rows.shape), qtype), np.uint8)
+    step = max(1, chunk_bytes // (4 * rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        out[i:i + step] = gguf.quants.quantize(rows[i:i + step].float().numpy(), qtype)
+    return out.reshape(gguf.quants.quant_shape_to_byte_shape(tuple(t.shape), qtype))
 
 
 def _vocab(tokenizer: Path, n_rows: int, gguf) -> tuple[list[bytes], list[float], list[int], dict]:
@@ -108,7 +125,8 @@ def _metadata(w, ckpt: Checkpoint, ftype: str, gguf) -> None:
     w.add_vocab_size(a.vocab_size)
     w.add_file_type(file_types[ftype])
     if ckpt.tokenizer is None:
-        raise FormatError("GGUF needs the tokenizer: pass --tokenizer")
+        raise FormatError("GGUF needs the model's tokenizer and none was found beside it: "
+                          "pass --tokenizer PATH")
     tokens, scores, types, specials = _vocab(ckpt.tokenizer, a.vocab_size, gguf)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
