@@ -263,6 +263,32 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def resume(out: Path, state: ckpt_io.TrainState, data: BatchSource, dist: DistInfo) -> Path | None:
+    """Load the newest complete checkpoint in `out` (if any) into `state` and `data`."""
+    ckpt_io.remove_partial(out, dist)
+    path = ckpt_io.latest(out)
+    if path is None:
+        return None
+    data_state = ckpt_io.load(path, state, dist)
+    if data_state is not None:
+        data.load_state_dict(data_state)
+    elif dist.is_main:
+        print(f"warning: {path} was saved by another number of ranks; the data order starts "
+              "again from the beginning", file=sys.stderr)
+    if dist.is_main:
+        print(f"resumed from {path} (step {state.progress.step})")
+    return path
+
+
+def throughput(tokens: int, seconds: float, flops_per_tok: float, peak_tflops: float,
+               dist: DistInfo) -> dict[str, float]:
+    """tokens/s over all ranks, this rank's memory, and MFU when the peak is known."""
+    record = {"tokens_per_s": tokens / seconds, "memory_gb": memory_bytes(dist.device) / 1e9}
+    if peak_tflops:
+        record["mfu"] = flops_per_tok * tokens / seconds / (peak_tflops * 1e12 * dist.world_size)
+    return record
+
+
 def run(
     cfg: TrainConfig, built: Built, data: BatchSource, dist: DistInfo,
     val_data: BatchSource | None = None, seq_len: int = 512,
@@ -280,17 +306,7 @@ def run(
     # Dropout draws from the global generators: seeded per rank (each rank its own masks),
     # so a run is reproducible; a resumed run restores the saved states instead.
     torch.manual_seed(cfg.seed * 100_003 + dist.rank)
-    ckpt_io.remove_partial(out, dist)
-    resume_from = ckpt_io.latest(out)
-    if resume_from is not None:
-        data_state = ckpt_io.load(resume_from, state, dist)
-        if data_state is not None:
-            data.load_state_dict(data_state)
-        elif dist.is_main:
-            print(f"warning: {resume_from} was saved by another number of ranks; the data order "
-                  "starts again from the beginning", file=sys.stderr)
-        if dist.is_main:
-            print(f"resumed from {resume_from} (step {state.progress.step})")
+    resume_from = resume(out, state, data, dist)
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, state.progress.step)
     config_yaml = dump(cfg)
     if dist.is_main:
@@ -329,13 +345,9 @@ def run(
         tokens = sum(b["tokens"].numel() for b in micro) * dist.world_size
         stop = bad_in_a_row >= cfg.log.max_bad_steps
         if step % cfg.log.every == 0 or step == cfg.optim.max_steps or stop:
-            record = {"step": step, "loss": loss, "lr": lr,
-                      "grad_norm": norm, "tokens_per_s": tokens / elapsed,
-                      "memory_gb": memory_bytes(dist.device) / 1e9,
-                      "skipped_steps": state.progress.skipped_steps}
-            if cfg.log.peak_tflops:
-                record["mfu"] = fpt * tokens / elapsed / (cfg.log.peak_tflops * 1e12 * dist.world_size)
-            log.write(record)
+            log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                       **throughput(tokens, elapsed, fpt, cfg.log.peak_tflops, dist),
+                       "skipped_steps": state.progress.skipped_steps})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if stop:
             raise NonFiniteLoss(stop_message(out, bad_in_a_row, step, good, dist))
