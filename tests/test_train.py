@@ -91,7 +91,7 @@ def close(a: list[float], b: list[float], tol: float) -> bool:
 
 def test_two_ranks_equal_one_and_checkpointing_changes_nothing(world, tmp_path):
     common = ["--optim.max_steps=4", "--data.val_fraction=0", "--checkpoint.every=0",
-              "--data.block_size=32", "--optim.grad_accum=2"]
+              "--data.block_size=32", "--optim.grad_accum=2", "--optim.warmup_steps=0"]
     run(train_cmd("pretrain", "stage2.yaml", world, tmp_path / "one", *common,
                   "--optim.micro_batch_size=4"))
     run(train_cmd("pretrain", "stage2.yaml", world, tmp_path / "two", *common,
@@ -226,8 +226,6 @@ def test_sft_loss_counts_only_response_tokens(world, tmp_path):
 
 
 def test_metrics_and_evaluation(world, tmp_path):
-    from train.optim import lr_factor
-
     run(train_cmd("sft", "sft.yaml", world, tmp_path / "sft", "--optim.max_steps=4",
                   "--optim.warmup_steps=2", "--optim.lr=0.01", "--data.val_fraction=0.1",
                   "--log.eval_every=2", "--log.eval_batches=100", "--log.peak_tflops=1"))
@@ -236,8 +234,17 @@ def test_metrics_and_evaluation(world, tmp_path):
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert set(train_rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_gb",
                                   "skipped_steps", "mfu"}
-    # the rate each step trained with: warmup 1/2, 2/2, then cosine
-    assert [r["lr"] for r in train_rows] == pytest.approx([0.01 * lr_factor(k, 2, 4, 0.1) for k in range(4)])
+    # the rate each step trained with: transformers' own schedule (warmup from 0, cosine to 0)
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=4)
+    expected = []
+    for _ in range(4):
+        expected.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert [r["lr"] for r in train_rows] == pytest.approx(expected, rel=1e-12)
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:

@@ -47,8 +47,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
-    warmup_ratio: float = 0.05  # of max_steps; warmup_steps wins when set
+    # the Hugging Face Trainer's schedules, step for step (see train/optim.py)
+    schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    min_lr_ratio: float = 0.0  # cosine decays to lr · min_lr_ratio (the Trainer: 0)
+    warmup_ratio: float = 0.05  # of max_steps, rounded up; warmup_steps wins when set
     warmup_steps: int | None = None
     max_steps: int = 1000
     weight_decay: float = 0.01  # not applied to norms, biases and other 1-D parameters

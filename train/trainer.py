@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
 import zlib
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
@@ -37,7 +40,9 @@ from data.shards import DataError
 from . import checkpoint as ckpt_io
 from .config import ConfigError, TrainConfig, dump, load_config
 from .distributed import DistInfo, all_reduce_sum, setup, teardown
-from .optim import LossScaler, build_optimizer, build_scheduler
+from .lock import RunLock, RunLocked
+from .optim import LossScaler, build_optimizer, lr_at, set_lr
+from .resume import ResumePlan, base_fingerprint, check_model_outside_output, plan_resume
 from .parallelize import clean_name, parallelize
 
 IGNORE_INDEX = -100
@@ -221,6 +226,10 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_bat
         loss_sum += float(loss)
         correct += float(right)
         count += float((labels != IGNORE_INDEX).sum())
+    if isinstance(model, FSDPModule):
+        # The root keeps its parameters unsharded after a forward with no backward; reshard
+        # so the module holds the very parameters the optimizer steps (and checkpoints name).
+        model.reshard()
     model.train()
     loss_sum, correct, count = (all_reduce_sum(v, dist.device) for v in (loss_sum, correct, count))
     loss = loss_sum / max(count, 1)
@@ -244,7 +253,9 @@ def stop_message(out: Path, bad: int, step: int, good: Path | None, dist: DistIn
              else "no checkpoint was followed by a finite loss")
     moved = f" (newer ones renamed *.nonfinite: {', '.join(p.name for p in suspect)})" if suspect else ""
     return (f"{bad} non-finite losses in a row at step {step}; stopping: {where}{moved}. "
-            "Lower the learning rate, or use bf16, and start again.")
+            f"Lower the learning rate and run the same command again with --optim.lr=<lower "
+            f"rate>: it resumes from {good.name if good else 'the start'} at the new rate "
+            "(or use bf16).")
 
 
 class MetricsLog:
@@ -263,21 +274,24 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def resume(out: Path, state: ckpt_io.TrainState, data: BatchSource, dist: DistInfo) -> Path | None:
-    """Load the newest complete checkpoint in `out` (if any) into `state` and `data`."""
-    ckpt_io.remove_partial(out, dist)
-    path = ckpt_io.latest(out)
-    if path is None:
+def resume(plan: ResumePlan, state: ckpt_io.TrainState, data: BatchSource, dist: DistInfo) -> Path | None:
+    """Load the planned step (if any) into `state` and `data`."""
+    if plan.path is None:
         return None
-    data_state = ckpt_io.load(path, state, dist)
+    data_state = ckpt_io.load(plan.path, state, dist)
     if data_state is not None:
         data.load_state_dict(data_state)
     elif dist.is_main:
-        print(f"warning: {path} was saved by another number of ranks; the data order starts "
+        print(f"warning: {plan.path} was saved by another number of ranks; the data order starts "
               "again from the beginning", file=sys.stderr)
     if dist.is_main:
-        print(f"resumed from {path} (step {state.progress.step})")
-    return path
+        changed = f"; changed settings: {', '.join(plan.changed)}" if plan.changed else ""
+        print(f"resumed from {plan.path} (step {state.progress.step}){changed}")
+    return plan.path
+
+
+class Interrupted(RuntimeError):
+    """The run was stopped by Ctrl-C or SIGTERM; the message says what was kept."""
 
 
 def throughput(tokens: int, seconds: float, flops_per_tok: float, peak_tflops: float,
@@ -292,21 +306,22 @@ def throughput(tokens: int, seconds: float, flops_per_tok: float, peak_tflops: f
 def run(
     cfg: TrainConfig, built: Built, data: BatchSource, dist: DistInfo,
     val_data: BatchSource | None = None, seq_len: int = 512,
+    plan: ResumePlan = ResumePlan(None), fingerprint: str = "",
 ) -> nn.Module:
-    """Train `built.model` on `data` until cfg.optim.max_steps; resume from the newest
-    checkpoint in cfg.output_dir if there is one. Returns the model."""
+    """Train `built.model` on `data` until cfg.optim.max_steps, starting from the step
+    `plan` names (see train/resume.py). Returns the model."""
     model, out = built.model, Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     no_decay = ("tok_embeddings", "output") if cfg.model.new_rows_from is not None else ()
     optimizer = build_optimizer(model, cfg.optim, no_decay)
-    scheduler = build_scheduler(optimizer, cfg.optim)
     scaler = LossScaler(cfg.parallel.precision == "fp16")
-    state = ckpt_io.TrainState(model, optimizer, scheduler, scaler)
+    state = ckpt_io.TrainState(model, optimizer, scaler)
     # Dropout draws from the global generators: seeded per rank (each rank its own masks),
     # so a run is reproducible; a resumed run restores the saved states instead.
     torch.manual_seed(cfg.seed * 100_003 + dist.rank)
-    resume_from = resume(out, state, data, dist)
+    ckpt_io.remove_partial(out, dist)
+    resume_from = resume(plan, state, data, dist)
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, state.progress.step)
     config_yaml = dump(cfg)
     if dist.is_main:
@@ -320,48 +335,55 @@ def run(
     bar = tqdm(total=cfg.optim.max_steps, initial=state.progress.step, disable=not dist.is_main,
                desc=f"train ({cfg.stage})", unit="step")
     model.train()
-    while state.progress.step < cfg.optim.max_steps:
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        loss, norm, n_targets = train_step(model, micro, params, cfg, dist, scaler)
-        loss_ok, norm_ok = math.isfinite(loss), math.isfinite(norm)
-        if loss_ok and norm_ok:
-            optimizer.step()
-            bad_in_a_row = 0
-        else:
-            state.progress.skipped_steps += 1
-            overflow = loss_ok and scaler.enabled  # fp16 scale too high: normal, not a failure
-            bad_in_a_row = 0 if overflow else bad_in_a_row + 1
-        if loss_ok and pending is not None:
-            good, pending = pending, None
-        scaler.update(loss_ok and norm_ok)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state.progress.step += 1
-        state.progress.tokens += n_targets
-        step = state.progress.step
-        elapsed = time.perf_counter() - t0
-        tokens = sum(b["tokens"].numel() for b in micro) * dist.world_size
-        stop = bad_in_a_row >= cfg.log.max_bad_steps
-        if step % cfg.log.every == 0 or step == cfg.optim.max_steps or stop:
-            log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-                       **throughput(tokens, elapsed, fpt, cfg.log.peak_tflops, dist),
-                       "skipped_steps": state.progress.skipped_steps})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if stop:
-            raise NonFiniteLoss(stop_message(out, bad_in_a_row, step, good, dist))
-        if val_data is not None and cfg.log.eval_every and step % cfg.log.eval_every == 0:
-            metrics = evaluate(model, val_data.batches(cfg.optim.micro_batch_size),
-                               cfg.log.eval_batches, cfg.parallel.loss_chunk_size, dist)
-            log.write({"step": step, **metrics})
-            if dist.is_main:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.optim.max_steps
-        if due and bad_in_a_row == 0:  # never save weights whose last loss was not finite
-            pending = ckpt_io.save(out, state, data.state_dict(), config_yaml, dist,
-                                   cfg.checkpoint.keep_last, protect=good)
-        bar.update(1)
+    try:
+        while state.progress.step < cfg.optim.max_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            lr = lr_at(state.progress.step, cfg.optim)  # a function of the step: resumes exactly
+            set_lr(optimizer, lr)
+            loss, norm, n_targets = train_step(model, micro, params, cfg, dist, scaler)
+            loss_ok, norm_ok = math.isfinite(loss), math.isfinite(norm)
+            if loss_ok and norm_ok:
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                state.progress.skipped_steps += 1
+                overflow = loss_ok and scaler.enabled  # fp16 scale too high: normal, not a failure
+                bad_in_a_row = 0 if overflow else bad_in_a_row + 1
+            if loss_ok and pending is not None:
+                good, pending = pending, None
+            scaler.update(loss_ok and norm_ok)
+            optimizer.zero_grad(set_to_none=True)
+            state.progress.step += 1
+            state.progress.tokens += n_targets
+            step = state.progress.step
+            elapsed = time.perf_counter() - t0
+            tokens = sum(b["tokens"].numel() for b in micro) * dist.world_size
+            stop = bad_in_a_row >= cfg.log.max_bad_steps
+            if step % cfg.log.every == 0 or step == cfg.optim.max_steps or stop:
+                log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                           **throughput(tokens, elapsed, fpt, cfg.log.peak_tflops, dist),
+                           "skipped_steps": state.progress.skipped_steps})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if stop:
+                raise NonFiniteLoss(stop_message(out, bad_in_a_row, step, good, dist))
+            if val_data is not None and cfg.log.eval_every and step % cfg.log.eval_every == 0:
+                metrics = evaluate(model, val_data.batches(cfg.optim.micro_batch_size),
+                                   cfg.log.eval_batches, cfg.parallel.loss_chunk_size, dist)
+                log.write({"step": step, **metrics})
+                if dist.is_main:
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.optim.max_steps
+            if due and bad_in_a_row == 0:  # never save weights whose last loss was not finite
+                pending = ckpt_io.save(out, state, data.state_dict(), config_yaml, dist,
+                                       cfg.checkpoint.keep_last, protect=good,
+                                       base_fingerprint=fingerprint)
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        kept = ckpt_io.latest_complete(out, warn=False)
+        where = f"the run resumes from {kept.name}" if kept else "no step was saved; a restart begins again"
+        raise Interrupted(f"interrupted at step {state.progress.step}; {where}") from None
     bar.close()
     return model
 
@@ -409,28 +431,46 @@ def script_main(argv: list[str] | None, prog: str, doc: str, make_data: DataFact
     """Parse `config.yaml [--key=value ..]`, then build, train and export; errors in one line.
 
     `make_data(cfg, dist, built)` returns (training batches, validation batches or None,
-    sequence length for the FLOP count).
+    sequence length for the FLOP count). Under torchrun only rank 0 prints an error (the
+    ranks fail alike); every rank exits non-zero, 130 when interrupted.
     """
     p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (see configs/)")
     a, overrides = p.parse_known_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # torchrun stops workers with SIGTERM
+    dist = None
     try:
         cfg = load_config(a.config, overrides)
         if cfg.stage not in stages:
             raise ConfigError(f"stage: {prog} runs {', '.join(stages)}, not {cfg.stage!r}")
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    dist = setup(cfg.parallel.backend)
-    try:
+        check_model_outside_output(cfg)
+        fingerprint = base_fingerprint(read_checkpoint(cfg.model.path, progress=False))
+        plan = plan_resume(cfg, fingerprint)  # refuses before anything is written
+        dist = setup(cfg.parallel.backend)
+        lock = RunLock(Path(cfg.output_dir), dist)
+        lock.acquire()
         built = build_for_stage(cfg, dist)
         train, val, seq_len = make_data(cfg, dist, built)
-        run(cfg, built, train, dist, val, seq_len=seq_len)
+        run(cfg, built, train, dist, val, seq_len=seq_len, plan=plan, fingerprint=fingerprint)
         path = export(cfg, built, dist)
         if dist.is_main:
             print(f"done: {path}")
-    except (DataError, ConfigError, FileNotFoundError, ValueError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
         teardown()
+    except (Interrupted, KeyboardInterrupt) as e:
+        _fail(str(e) if isinstance(e, Interrupted) else "interrupted", 130, dist)
+    except (ValueError, OSError, NonFiniteLoss, RunLocked) as e:  # ConfigError, DataError, FormatError…
+        _fail(str(e), 1, dist)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, code: int, dist: DistInfo | None) -> None:
+    """One `error:` line (from rank 0 only), then exit without waiting for other ranks."""
+    rank = dist.rank if dist is not None else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)  # a collective teardown could wait forever for a rank that already left

@@ -1,0 +1,109 @@
+"""What a resumed run may change: checked before anything is built or written.
+
+A run restarted on an output directory resumes from its newest complete step. The
+optimizer's moments and the step come from the checkpoint; the learning rate, schedule,
+weight decay, betas, clipping and max_steps from the config given now (each change is
+reported). Settings that define what is being trained — the base and its weights, the
+stage, the LoRA shape, the data and its layout — cannot change within a run: such a
+resume is refused, naming every key with its old and new value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.checkpoint import Checkpoint
+
+from . import checkpoint as ckpt_io
+from .config import ConfigError, TrainConfig, to_dict
+
+# Keys whose change makes a checkpoint meaningless for the new run.
+FIXED = ("stage", "seed", "model.path", "model.new_rows_from", "data.path", "data.block_size",
+         "data.val_fraction", "data.pack", "data.max_seq_length", "lora.r", "lora.alpha",
+         "lora.targets", "lora.modules_to_save")
+# Keys that differ between runs without changing what is trained; not worth a word.
+QUIET = ("output_dir",)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    path: Path | None  # the step to resume from; None: a fresh start
+    changed: tuple[str, ...] = ()  # "key: old → new" for every setting that changed
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _paths_resolved(flat: dict[str, Any]) -> dict[str, Any]:
+    """model.path and data.path compared as the directories they name."""
+    return {k: (str(Path(v).resolve()) if k in ("model.path", "data.path") and v else v)
+            for k, v in flat.items()}
+
+
+def base_fingerprint(base: Checkpoint) -> str:
+    """A sha256 that changes when the base's shape or weights change: its parameters and a
+    few rows of the tensors every stage trains (first and last rows of the embeddings and
+    output, the final norm, a row of the first projection). Cheap on a 70B."""
+    h = hashlib.sha256(json.dumps(base.args.to_params(), sort_keys=True).encode())
+    for name in ("tok_embeddings.weight", "output.weight", "norm.weight", "layers.0.attention.wq.weight"):
+        if name in base.specs:
+            t = base.get(name)
+            rows = t if t.ndim == 1 else t[[0, -1]]
+            h.update(name.encode())
+            h.update(rows.float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_model_outside_output(cfg: TrainConfig) -> None:
+    """model.path must not be output_dir or inside it: the run writes there."""
+    out, model = Path(cfg.output_dir).resolve(), Path(cfg.model.path).resolve()
+    if model == out or out in model.parents:
+        raise ConfigError(f"model.path: {cfg.model.path} lies inside output_dir {cfg.output_dir}, "
+                          "which this run writes to; choose another output_dir")
+
+
+def plan_resume(cfg: TrainConfig, fingerprint: str) -> ResumePlan:
+    """The step to resume from and what changed; ConfigError for a change that cannot be
+    resumed (or a step made by another stage or model)."""
+    out = Path(cfg.output_dir)
+    path = ckpt_io.latest_complete(out)
+    if path is None:
+        return ResumePlan(None)
+    meta = ckpt_io.read_step_meta(path)
+    try:
+        saved_raw = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        if not isinstance(saved_raw, dict):
+            raise ValueError("not a mapping")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"{path / 'config.yaml'}: unreadable ({e})") from None
+    old = _paths_resolved(flatten(saved_raw))
+    new = _paths_resolved(flatten(to_dict(cfg)))
+    diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+             if _norm(old.get(k)) != _norm(new.get(k)) and k not in QUIET]
+    fixed = [d for d in diffs if d[0] in FIXED]
+    if meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
+        fixed.append(("model weights", "those the run started from", "different ones"))
+    if fixed:
+        listed = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in fixed)
+        raise ConfigError(
+            f"{out}: cannot resume {path.name}, which was trained with other settings that cannot "
+            f"change within a run ({listed}); start a new run with another output_dir "
+            f"(e.g. --output_dir={str(out).rstrip('/')}-2)")
+    return ResumePlan(path, tuple(f"{k}: {a!r} → {b!r}" for k, a, b in diffs))
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
