@@ -32,7 +32,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tokenizer.files import atomic_output_dir, sha256_file
+from tokenizer.files import atomic_output_dir, check_output_against_inputs, sha256_file
 from tokenizer.spm_io import load_sp, resolve_model_file
 
 from . import sft as sft_prep
@@ -158,13 +158,15 @@ def prepare(a: argparse.Namespace) -> dict[str, Any]:
     tokenizer = resolve_model_file(a.tokenizer)
     sp = load_sp(tokenizer)
     out = Path(a.output_dir)
-    check_existing(out, sha256_file(tokenizer), a.overwrite)
     mod = sft_prep if a.sft else text_prep
     sources = expand_inputs(a.input, mod.SUFFIXES)
+    inputs = [a.tokenizer, tokenizer, *sources]
+    check_output_against_inputs(out, inputs)  # before the exists check: --overwrite cannot help
+    check_existing(out, sha256_file(tokenizer), a.overwrite)
     units, skipped = mod.plan_units(sources, a)
     if not units and not skipped:
         raise DataError(f"the input is empty: {', '.join(map(str, sources))}")
-    with atomic_output_dir(out, a.overwrite) as tmp:
+    with atomic_output_dir(out, a.overwrite, inputs=inputs) as tmp:
         worker = mod.make_worker(tokenizer, tmp, a)
         results = run_units(worker, units, a.num_workers, sum(u.nbytes for u in units),
                             desc="tokenizing")

@@ -375,7 +375,7 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "base_model_name_or_path": None,
     }
-    with atomic_output_dir(dst, overwrite) as out:
+    with atomic_output_dir(dst, overwrite, inputs=(src,)) as out:
         save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
         if (src / "tokenizer.model").exists():

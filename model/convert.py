@@ -16,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 
+from tokenizer.files import Inputs, check_output_against_inputs
+
 from .checkpoint import Checkpoint, pad_vocab, with_dtype
 from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
 from .formats.gguf import write_gguf
@@ -53,13 +55,15 @@ def convert(
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; choose from {', '.join(TARGETS)}")
     dst = Path(dst)
+    check_output_against_inputs(dst, (src, tokenizer))  # first: --overwrite cannot help here
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
     ckpt = read_checkpoint(src, tokenizer=tokenizer, verify_checksum=verify_checksum,
                            progress=progress)
     return write(ckpt, dst, to, dtype=dtype, shards=shards,
                  pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
-                 max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
+                 max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,
+                 inputs=(src, tokenizer))
 
 
 def write(
@@ -73,13 +77,19 @@ def write(
     max_shard_bytes: int = 5 << 30,
     overwrite: bool = False,
     progress: bool = True,
+    inputs: Inputs = (),
 ) -> Checkpoint:
-    """Write an open checkpoint in format `to` (the second half of `convert`)."""
+    """Write an open checkpoint in format `to` (the second half of `convert`).
+
+    `inputs`: paths it was made from besides its own path and tokenizer, which `dst` may
+    not overlap either.
+    """
     if to == "gguf":
         if dtype is not None and dtype not in GGUF_DTYPES:
             raise ValueError(f"--dtype {dtype} is not a GGUF type; use f32, f16 or q8_0")
         ckpt = pad_vocab(ckpt, pad_vocab_to_multiple_of)
-        write_gguf(ckpt, dst, GGUF_DTYPES[dtype or "f16"], overwrite=overwrite, progress=progress)
+        write_gguf(ckpt, dst, GGUF_DTYPES[dtype or "f16"], overwrite=overwrite, progress=progress,
+                   inputs=inputs)
         return ckpt
     if dtype == "q8_0":
         raise ValueError("--dtype q8_0 is only for --to gguf")
@@ -88,14 +98,16 @@ def write(
         print(f"warning: no tokenizer.model found for {ckpt.path}; pass --tokenizer to include one",
               file=sys.stderr)
     if to == "meta":
-        write_meta(ckpt, dst, n_shards=shards, overwrite=overwrite, progress=progress)
+        write_meta(ckpt, dst, n_shards=shards, overwrite=overwrite, progress=progress,
+                   inputs=inputs)
     elif shards != 1:
         raise ValueError("--shards applies to --to meta; use --max_shard_size for safetensors")
     elif to == "hf":
-        write_hf(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
+        write_hf(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
+                 inputs=inputs)
     else:
         write_model_dir(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                        progress=progress)
+                        progress=progress, inputs=inputs)
     return ckpt
 
 

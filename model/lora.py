@@ -196,7 +196,7 @@ def save_adapter(
             "tokenizer_sha256": tokenizer_sha256,
             # head counts let the adapter be exported for Hugging Face (q/k permutation)
             "base_params": base_params}
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=(tokenizer,)) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

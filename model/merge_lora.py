@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tokenizer.files import atomic_output_dir
+from tokenizer.files import Inputs, atomic_output_dir, check_output_against_inputs
 from tokenizer.spm_io import load_sp
 
 from .adapters import merge_adapter, read_adapter_weights
@@ -65,20 +65,22 @@ def output_path(output_dir: Path, output_type: str, dtype: str | None) -> Path:
 
 
 def write_output(ckpt: Checkpoint, output_dir: str | Path, output_type: str, *,
-                 overwrite: bool = False, **options: Any) -> Path:
+                 overwrite: bool = False, inputs: Inputs = (), **options: Any) -> Path:
     """Write the merged checkpoint (options: those of `model.convert.write`); returns the path.
 
     Every writer builds its output under a temporary name and renames it at the end. A
     .gguf goes into --output_dir: an existing directory receives just the file, a new one
-    is itself created whole, so a failure leaves no empty directory behind.
+    is itself created whole, so a failure leaves no empty directory behind. The output
+    may not overlap `inputs` (the base, the adapters, a tokenizer given).
     """
     to, out_dir = OUTPUT_TYPES[output_type], Path(output_dir)
     dst = output_path(out_dir, output_type, options.get("dtype"))
+    inputs = (ckpt.path, ckpt.tokenizer, *inputs)
     if to != "gguf" or out_dir.is_dir():
-        write(ckpt, dst, to, overwrite=overwrite, **options)
+        write(ckpt, dst, to, overwrite=overwrite, inputs=inputs, **options)
     else:
-        with atomic_output_dir(out_dir) as tmp:
-            write(ckpt, tmp / dst.name, to, **options)
+        with atomic_output_dir(out_dir, inputs=inputs) as tmp:
+            write(ckpt, tmp / dst.name, to, inputs=inputs, **options)
     return dst
 
 
@@ -110,12 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     adapters = [s.strip() for s in a.lora_model.split(",") if s.strip()]
     try:
         dst = output_path(Path(a.output_dir), a.output_type, a.dtype)
+        inputs = [a.base_model, *adapters, a.tokenizer]
+        check_output_against_inputs(dst, inputs)  # --overwrite cannot help with this one
         if dst.exists() and not a.overwrite:  # fail before the (long) merge, not after
             raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
         ckpt = merge(a.base_model, adapters, tokenizer=a.tokenizer, progress=not a.no_progress)
         write_output(ckpt, a.output_dir, a.output_type, overwrite=a.overwrite, dtype=a.dtype,
                      shards=a.shards, pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
-                     max_shard_bytes=parse_size(a.max_shard_size), progress=not a.no_progress)
+                     max_shard_bytes=parse_size(a.max_shard_size), progress=not a.no_progress,
+                     inputs=inputs)
     except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {dst}: vocabulary {ckpt.args.vocab_size}, adapters applied in order: "

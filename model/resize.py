@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         old_vocab = ckpt.args.vocab_size
         ckpt = resize_checkpoint(ckpt, a.tokenizer, a.init,
                                  pad_to_multiple_of=a.pad_to_multiple_of, seed=a.seed)
-        write_model_dir(ckpt, a.output, overwrite=a.overwrite, progress=not a.no_progress)
+        write_model_dir(ckpt, a.output, overwrite=a.overwrite, progress=not a.no_progress,
+                        inputs=(a.model, a.tokenizer))
     except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {a.output}: vocabulary {old_vocab} -> {ckpt.args.vocab_size} rows "

@@ -49,7 +49,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from .hf_files import write_hf_tokenizer_files
-from .files import atomic_output_dir, sha256_file
+from .files import atomic_output_dir, check_output_against_inputs, sha256_file
 from .spm_io import load_sp, resolve_model_file
 
 PAD_PIECE = "<pad>"
@@ -225,12 +225,14 @@ def merge(opts: Any) -> MergeReport:
     base_file = resolve_model_file(opts.llama_tokenizer_dir)
     chinese_file = resolve_model_file(opts.chinese_sp_model_file)
     out = Path(opts.output_dir)
+    inputs = [opts.llama_tokenizer_dir, base_file, opts.chinese_sp_model_file, chinese_file]
+    check_output_against_inputs(out, inputs)  # before the exists check: --overwrite cannot help
     if out.exists() and not opts.overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
     base, chinese = read_proto(base_file), read_proto(chinese_file)
     merged, report = merge_protos(base, chinese, opts)
     check_merged(base_file, merged, report)
-    with atomic_output_dir(out, opts.overwrite) as tmp:
+    with atomic_output_dir(out, opts.overwrite, inputs=inputs) as tmp:
         (tmp / "tokenizer.model").write_bytes(merged.SerializeToString())
         write_hf_tokenizer_files(tmp / "tokenizer.model", tmp)
         manifest = {

@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
+
+from .files import atomic_output_files
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -61,20 +61,14 @@ def train(a: argparse.Namespace) -> Path:
     """Train; return the path of the .model written."""
     prefix = Path(a.model_prefix)
     outputs = [prefix.with_name(prefix.name + ext) for ext in (".model", ".vocab")]
-    if any(o.exists() for o in outputs) and not a.overwrite:
-        raise FileExistsError(f"{outputs[0]} already exists (use --overwrite to replace it)")
     inputs = expand_inputs(a.input)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix.name}.tmp-", dir=prefix.parent))
-    try:
+    # the trainer writes into a temporary directory beside the outputs, named with our pid
+    # so that the next run removes it if this one is killed
+    with atomic_output_files(outputs, a.overwrite, inputs=inputs) as tmp:
         try:
             spm.SentencePieceTrainer.train(**trainer_options(a, str(tmp / prefix.name), inputs))
         except RuntimeError as e:
             raise ValueError(f"sentencepiece could not train on {', '.join(map(str, inputs))}: {e}") from None
-        for out in outputs:
-            os.replace(tmp / out.name, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return outputs[0]
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenizer.files import atomic_output_file
+from tokenizer.files import Inputs, atomic_output_file
 
 from ..checkpoint import Checkpoint
 from ..tensor_io import FormatError
@@ -142,12 +142,15 @@ def _metadata(w, ckpt: Checkpoint, ftype: str, gguf) -> None:
 
 
 def write_gguf(ckpt: Checkpoint, dst: str | Path, ftype: str = "f16", *, overwrite: bool = False,
-               progress: bool = True) -> Path:
-    """Write `ckpt` as one GGUF file. Tensor data is streamed: one tensor in memory at a time."""
+               progress: bool = True, inputs: Inputs = ()) -> Path:
+    """Write `ckpt` as one GGUF file. Tensor data is streamed: one tensor in memory at a time.
+
+    `dst` may not overlap the checkpoint's own path and tokenizer, nor `inputs`.
+    """
     if ftype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {ftype!r}; choose from {', '.join(GGUF_TYPES)}")
     gguf = _gguf()
-    with atomic_output_file(dst, overwrite) as tmp:
+    with atomic_output_file(dst, overwrite, inputs=(ckpt.path, ckpt.tokenizer, *inputs)) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
         _metadata(w, ckpt, ftype, gguf)
         types = {n: _ggml_type(spec.shape, ftype, gguf) for n, spec in ckpt.specs.items()}

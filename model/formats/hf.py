@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from tokenizer.files import atomic_output_dir
+from tokenizer.files import Inputs, atomic_output_dir
 from tokenizer.hf_files import special_tokens, write_hf_tokenizer_files
 
 from ..checkpoint import Checkpoint, check_specs
@@ -263,8 +263,12 @@ def write_hf(
     overwrite: bool = False,
     max_shard_bytes: int = 5 << 30,
     progress: bool = True,
+    inputs: Inputs = (),
 ) -> Path:
-    """Write a Hugging Face directory that `LlamaForCausalLM.from_pretrained` loads as is."""
+    """Write a Hugging Face directory that `LlamaForCausalLM.from_pretrained` loads as is.
+
+    `dst` may not overlap the checkpoint's own path and tokenizer, nor `inputs`.
+    """
     args = ckpt.args
     config = hf_config(args, ckpt.main_dtype(), ckpt.tokenizer)
     hf_names = {canonical_to_hf_name(n): n for n in ckpt.specs}
@@ -277,7 +281,8 @@ def write_hf(
         kind = name.split(".", 2)[-1].removesuffix(".weight")
         return permute_to_hf(t, heads[kind]) if kind in heads else t
 
-    with atomic_output_dir(dst, overwrite) as out, tensor_progress(specs, "hf", progress) as tick:
+    with atomic_output_dir(dst, overwrite, inputs=(ckpt.path, ckpt.tokenizer, *inputs)) as out, \
+            tensor_progress(specs, "hf", progress) as tick:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

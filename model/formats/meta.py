@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tokenizer.files import atomic_output_dir
+from tokenizer.files import Inputs, atomic_output_dir
 
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs
@@ -217,10 +217,15 @@ def write_meta(
     n_shards: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    inputs: Inputs = (),
 ) -> Path:
-    """Write Meta's layout: N equal `consolidated.NN.pth`, `params.json`, `checklist.chk`."""
+    """Write Meta's layout: N equal `consolidated.NN.pth`, `params.json`, `checklist.chk`.
+
+    `dst` may not overlap the checkpoint's own path and tokenizer, nor `inputs`.
+    """
     check_divisible(ckpt, n_shards)
-    with atomic_output_dir(dst, overwrite) as out, tensor_progress(ckpt.specs, "meta", progress) as tick:
+    with atomic_output_dir(dst, overwrite, inputs=(ckpt.path, ckpt.tokenizer, *inputs)) as out, \
+            tensor_progress(ckpt.specs, "meta", progress) as tick:
         _write_shards(ckpt, out, n_shards, tick)
         (out / "params.json").write_text(json.dumps(ckpt.args.to_params(), indent=2) + "\n")
         if ckpt.tokenizer is not None:

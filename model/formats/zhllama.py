@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tokenizer.files import atomic_output_dir, sha256_file
+from tokenizer.files import Inputs, atomic_output_dir, sha256_file
 
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs
@@ -104,8 +104,13 @@ def write_model_dir(
     overwrite: bool = False,
     max_shard_bytes: int = 5 << 30,
     progress: bool = True,
+    inputs: Inputs = (),
 ) -> Path:
-    """Write the canonical directory (atomically: a temporary directory renamed at the end)."""
+    """Write the canonical directory (atomically: a temporary directory renamed at the end).
+
+    `dst` may not overlap the checkpoint's own path and tokenizer, nor `inputs` (other
+    paths it was made from): a replaced output would take them with it.
+    """
     manifest = {
         "format": "zhllama-model",
         "format_version": FORMAT_VERSION,
@@ -114,7 +119,8 @@ def write_model_dir(
         "tokenizer_sha256": sha256_file(ckpt.tokenizer) if ckpt.tokenizer else None,
         "source": {"format": ckpt.format, "name": ckpt.path.name if ckpt.path else None},
     }
-    with atomic_output_dir(dst, overwrite) as out, tensor_progress(ckpt.specs, "model", progress) as tick:
+    with atomic_output_dir(dst, overwrite, inputs=(ckpt.path, ckpt.tokenizer, *inputs)) as out, \
+            tensor_progress(ckpt.specs, "model", progress) as tick:
         write_sharded_safetensors(out, "model", ckpt.specs, ckpt.get, max_shard_bytes,
                                   metadata={"format": "pt"}, on_tensor=tick)
         (out / "params.json").write_text(json.dumps(ckpt.args.to_params(), indent=2) + "\n")
