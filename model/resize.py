@@ -23,6 +23,7 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from torch import nn
 
+from tokenizer.files import check_output_against_inputs
 from tokenizer.spm_io import load_sp, resolve_model_file
 
 from .checkpoint import Checkpoint, pad_vocab
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     return_freed_memory_promptly()
     try:
+        check_output_against_inputs(a.output, (a.model, a.tokenizer))  # --overwrite cannot help
         ckpt = read_checkpoint(a.model, progress=not a.no_progress)
         old_vocab = ckpt.args.vocab_size
         ckpt = resize_checkpoint(ckpt, a.tokenizer, a.init,
