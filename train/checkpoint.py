@@ -127,7 +127,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     from torch.distributed.checkpoint import filesystem, metadata
 
     allowed: dict[tuple[str, str], Any] = {}
-    for name in ("Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
                  "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"):
         allowed[(metadata.__name__, name)] = getattr(metadata, name)
     allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
@@ -390,6 +390,9 @@ def _first_cause(e: CheckpointException, path: Path) -> str:
         err = failure[0] if isinstance(failure, tuple) else failure
         if isinstance(err, CheckpointError):
             return str(err)
+        if refused := re.search(r"GLOBAL ([\w.]+)", str(err)):  # torch.load(weights_only=True)
+            return (f"{path}: refused to load {refused.group(1)} from a tensor item (the checkpoint "
+                    "was tampered with; zhllama checkpoints hold tensors only)")
         text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         # "global metadata read failed: <our message>; rank local …": keep ours
         m = re.search(r"metadata read failed: (.*?)(; rank local|$)", text)
@@ -402,6 +405,7 @@ def load(path: Path, state: TrainState, dist: DistInfo) -> dict[str, Any] | None
     if the world size changed: data positions cannot be mapped then, and the caller
     restarts the data order from the saved step)."""
     meta = verify_step(path)
+    read_dcp_metadata(path)  # refuse a tampered file here, before DCP logs its own tracebacks
     try:
         dcp.load({"train": state}, storage_reader=SafeReader(path), planner=TensorOnlyPlanner())
     except CheckpointException as e:  # DCP gathers each rank's exception; report the first

@@ -87,8 +87,6 @@ class RunLock:
             return self._busy(workers, "processes of an earlier run")
         fcntl.flock(probe, fcntl.LOCK_SH)
         self.fds.append(probe)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         return ""
 
     def _busy(self, path: Path, who: str) -> str:

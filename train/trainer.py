@@ -380,11 +380,11 @@ def run(
                                        base_fingerprint=fingerprint)
             bar.update(1)
     except KeyboardInterrupt:
-        bar.close()
         kept = ckpt_io.latest_complete(out, warn=False)
         where = f"the run resumes from {kept.name}" if kept else "no step was saved; a restart begins again"
         raise Interrupted(f"interrupted at step {state.progress.step}; {where}") from None
-    bar.close()
+    finally:
+        bar.close()  # also before an error line, which must start a line of its own
     return model
 
 
