@@ -40,3 +40,40 @@ def test_overrides_and_errors(tmp_path):
     f.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(f)
+
+
+# The published recipe, written out from Chinese-LLaMA-Alpaca's scripts/training/run_pt.sh
+# and run_sft.sh (lr, warmup, decay, LoRA, block / sequence length), its wiki's "Training
+# Details" (global batch 1,024 for pre-training, 512 for SFT; lr 2e-4 for stage 1, 1e-4 for
+# the 7B stage 2 and SFT) and transformers' TrainingArguments defaults (betas, eps, grad norm,
+# cosine to 0), which those scripts do not override.
+PUBLISHED = {
+    "llama-7b-stage1.yaml": dict(stage="embeddings", lr=2e-4, warmup_ratio=0.05, weight_decay=0.01,
+                                 batch=1024, length=512),
+    "llama-7b-stage2.yaml": dict(stage="lora", lr=1e-4, warmup_ratio=0.05, weight_decay=0.01,
+                                 batch=1024, length=512),
+    "llama-7b-sft.yaml": dict(stage="lora", lr=1e-4, warmup_ratio=0.03, weight_decay=0.0,
+                              batch=512, length=512),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_7b_configs_carry_the_published_recipe(name):
+    from transformers import TrainingArguments
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    want = PUBLISHED[name]
+    trainer = TrainingArguments(output_dir="unused", report_to=[])
+    o = cfg.optim
+    assert cfg.stage == want["stage"] and o.lr == want["lr"] and o.weight_decay == want["weight_decay"]
+    assert o.warmup_ratio == want["warmup_ratio"] and o.warmup_steps is None
+    assert o.schedule == "cosine" and o.min_lr_ratio == 0.0
+    assert (o.beta1, o.beta2, o.eps) == (trainer.adam_beta1, trainer.adam_beta2, trainer.adam_epsilon)
+    assert o.clip_grad_norm == trainer.max_grad_norm
+    assert 8 * o.micro_batch_size * o.grad_accum == want["batch"]  # on the 8 GPUs the comment names
+    length = cfg.data.block_size if name != "llama-7b-sft.yaml" else cfg.data.max_seq_length
+    assert length == want["length"]
+    if cfg.stage == "lora":
+        assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 32, 0.05)
+        assert set(cfg.lora.targets) == {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+        assert set(cfg.lora.modules_to_save) == {"tok_embeddings", "output"}
