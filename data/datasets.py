@@ -40,6 +40,7 @@ class TokenStream:
         self.release_bytes = release_bytes
         self._maps: dict[int, np.ndarray] = {}
         self._read_bytes = 0
+        check_file_sizes(self.path, self.files, self.dtype)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -74,6 +75,33 @@ class TokenStream:
         parts = [read_index(self.path, f)[:-1].astype(np.int64) + int(s)
                  for f, s in zip(self.files, self.starts[:-1])]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def check_file_sizes(path: Path, files: list[dict[str, Any]], dtype: np.dtype) -> None:
+    """Refuse token files shorter or longer than meta.json and their index say.
+
+    A truncated copy would otherwise surface as a numpy error in the middle of training
+    (or, past the end of a memory map, as a crash), long after the data was opened.
+    """
+    for f in files:
+        tokens, index = path / f["tokens"], path / f["index"]
+        for file in (tokens, index):
+            if not file.is_file():
+                raise DataError(f"{path}: {file.name} is missing (listed in meta.json)")
+        n_index = (f["num_documents"] + 1) * 8
+        if index.stat().st_size != n_index:
+            raise DataError(f"{index}: {index.stat().st_size:,} bytes, but meta.json's "
+                            f"{f['num_documents']:,} documents need {n_index:,}")
+        with open(index, "rb") as fh:
+            fh.seek(-8, 2)
+            indexed = int.from_bytes(fh.read(8), "little")  # the index ends with the token count
+        if indexed != f["num_tokens"]:
+            raise DataError(f"{index}: indexes {indexed:,} tokens, meta.json says {f['num_tokens']:,}")
+        size, want = tokens.stat().st_size, indexed * dtype.itemsize
+        if size != want:
+            how = f"{want - size:,} bytes short of" if size < want else f"{size - want:,} bytes longer than"
+            raise DataError(f"{tokens}: {how} its index ({indexed:,} {dtype.name} tokens = "
+                            f"{want:,} bytes; truncated copy?)")
 
 
 def rank_order(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool) -> np.ndarray:
@@ -247,6 +275,9 @@ class SFTDataset(_Resumable):
         self.lengths = np.diff(np.append(self.starts, len(self.stream)))
         self.plens = np.concatenate([np.fromfile(self.stream.path / f["plen"], dtype="<u4")
                                      for f in self.stream.files]).astype(np.int64)
+        if len(self.plens) != len(self.starts):  # a truncated .plen shifts every later sample
+            raise DataError(f"{path}: the .plen files hold {len(self.plens):,} prompt lengths for "
+                            f"{len(self.starts):,} samples (truncated copy?)")
         self.seed, self.rank, self.world_size, self.pack = seed, rank, world_size, pack
         self.split = split
         prepared = self.stream.meta["options"]["max_seq_length"]

@@ -16,12 +16,13 @@ import re
 import sys
 from pathlib import Path
 
+from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import Inputs, check_output_against_inputs
 
 from .checkpoint import Checkpoint, pad_vocab, with_dtype
 from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
 from .formats.gguf import write_gguf
-from .tensor_io import FormatError, parse_dtype, return_freed_memory_promptly
+from .tensor_io import parse_dtype, return_freed_memory_promptly
 
 TARGETS = ("zhllama", "hf", "meta", "gguf")
 GGUF_DTYPES = {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16", "q8_0": "q8_0"}
@@ -35,6 +36,17 @@ def parse_size(text: str) -> int:
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index(m.group(2).upper() or " ")
     return int(float(m.group(1)) * base**power)
+
+
+def size_option(text: str) -> int:
+    """`parse_size` for argparse: a positive size, or an error naming the option."""
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return size
 
 
 def convert(
@@ -112,7 +124,7 @@ def write(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m model.convert", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -124,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "f32", "f16", "q8_0"),
                    help="cast floating tensors (default: keep the source's dtypes; for GGUF f16); "
                         "q8_0 is for GGUF only")
-    p.add_argument("--shards", type=int, default=1,
+    p.add_argument("--shards", type=positive_int, default=1,
                    help="model-parallel shards for --to meta (default 1)")
-    p.add_argument("--pad_vocab_to_multiple_of", type=int, metavar="M",
+    p.add_argument("--pad_vocab_to_multiple_of", type=positive_int, metavar="M",
                    help="add zero rows so the vocabulary divides by M (Meta shards must be equal)")
-    p.add_argument("--max_shard_size", default="5GiB",
+    p.add_argument("--max_shard_size", type=size_option, default="5GiB",
                    help="largest safetensors file before splitting, e.g. 2GB (default 5GiB)")
     p.add_argument("--skip_checksum", action="store_true",
                    help="do not verify Meta's checklist.chk md5 sums")
@@ -140,17 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     return_freed_memory_promptly()
-    try:
+    with command_errors(output=a.dst):
         ckpt = convert(
             a.src, a.dst, a.to, tokenizer=a.tokenizer, dtype=a.dtype, shards=a.shards,
             pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
-            max_shard_bytes=parse_size(a.max_shard_size), verify_checksum=not a.skip_checksum,
+            max_shard_bytes=a.max_shard_size, verify_checksum=not a.skip_checksum,
             overwrite=a.overwrite, progress=not a.no_progress,
         )
-    except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"wrote {a.dst} ({a.to}, {ckpt.format} source, {ckpt.nbytes / 1e6:.1f} MB, "
-          f"vocab {ckpt.args.vocab_size})")
+        print(f"wrote {a.dst} ({a.to}, {ckpt.format} source, {ckpt.nbytes / 1e6:.1f} MB, "
+              f"vocab {ckpt.args.vocab_size})")
 
 
 if __name__ == "__main__":

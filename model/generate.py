@@ -13,6 +13,8 @@ prompt is an instruction put into the template the model was tuned with (exactly
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from tokenizer.cli import (ArgumentParser, command_errors, non_negative_float, positive_float,
+                           positive_int, probability)
 from tokenizer.spm_io import load_sp
 from tokenizer.templates import TEMPLATES, format_prompt
 
@@ -139,22 +143,41 @@ def stream_text(sp, ids: Iterator[int]) -> Iterator[str]:
         shown = text
 
 
-def _pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str | None) -> torch.device:
+    """The device `--device` names (default: cuda if available), checked to be usable here.
+
+    Raises:
+        ValueError: not a device name, or a device this machine or torch build lacks.
+    """
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps …)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (no GPU visible, or torch "
+                             "built without CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    try:  # other backends (mps, xpu …) say themselves whether they are there
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {name}: not usable here ({' '.join(str(e).split())})") from None
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m model.generate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model directory, or any checkpoint model.convert reads")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top_k", type=int)
-    p.add_argument("--top_p", type=float)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top_k", type=positive_int)
+    p.add_argument("--top_p", type=probability)
+    p.add_argument("--repetition_penalty", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--template", choices=tuple(TEMPLATES),
@@ -172,6 +195,9 @@ def _respond(model, sp, prompt: str, a: argparse.Namespace, cfg: SamplingConfig)
     if not echo:
         prompt = format_prompt(a.template, prompt, system=a.system_prompt)
     ids = [sp.bos_id()] + sp.encode(prompt)
+    if len(ids) >= model.args.max_seq_len:  # before the prompt is echoed, not after
+        raise ValueError(f"the prompt has {len(ids)} tokens, but the model's max_seq_len is "
+                         f"{model.args.max_seq_len}: shorten it")
     generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(a.seed)
     stream = generate_ids(model, ids, a.max_new_tokens, cfg, stop_ids=(sp.eos_id(),),
                           allowed_vocab=sp.vocab_size(), generator=generator)
@@ -185,23 +211,54 @@ def _respond(model, sp, prompt: str, a: argparse.Namespace, cfg: SamplingConfig)
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    try:
+    with command_errors():
         cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
         ckpt = read_checkpoint(a.model, tokenizer=a.tokenizer, progress=False)
         if ckpt.tokenizer is None:
             raise FormatError(f"{a.model}: no tokenizer.model found; pass --tokenizer")
         sp = load_sp(ckpt.tokenizer)
-        device = _pick_device(a.device)
+        device = pick_device(a.device)
         dtype = parse_dtype(a.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = load_model(ckpt, device=device, dtype=dtype).eval()
         if not a.interactive:
             _respond(model, sp, a.prompt, a, cfg)
             return
         print("Enter a prompt (Ctrl-D to quit).", file=sys.stderr)
-        for line in sys.stdin:
-            _respond(model, sp, line.rstrip("\n"), a, cfg)
-    except (FormatError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        for prompt in stdin_lines():
+            _respond(model, sp, prompt, a, cfg)
+
+
+def stdin_lines(poll_seconds: float = 0.2) -> Iterator[str]:
+    """Lines of stdin as UTF-8 text, without their newline.
+
+    Read as bytes and decoded here: the text layer would let undecodable bytes through
+    as surrogates (or fail without saying where), and sentencepiece cannot encode them.
+    Waiting is done in short `select` rounds because Ctrl-C's SIGINT may be delivered to
+    one of torch's threads, which leaves a blocking read() in the main thread asleep: the
+    KeyboardInterrupt would only come after the next line, or at exit as a traceback.
+    """
+    fd, pending, lineno = sys.stdin.fileno(), b"", 0
+    while True:
+        while b"\n" not in pending:
+            if not select.select([fd], [], [], poll_seconds)[0]:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:  # end of input; a last line without newline still counts
+                if pending:
+                    yield _decode_line(pending, lineno + 1)
+                return
+            pending += chunk
+        raw, pending = pending.split(b"\n", 1)
+        lineno += 1
+        yield _decode_line(raw, lineno)
+
+
+def _decode_line(raw: bytes, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin line {lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                         f"{e.start + 1} of the line); send UTF-8 text") from None
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import Inputs, atomic_output_dir, check_output_against_inputs
 from tokenizer.spm_io import load_sp
 
 from .adapters import merge_adapter, read_adapter_weights
 from .checkpoint import Checkpoint
-from .convert import GGUF_DTYPES, parse_size, write
+from .convert import GGUF_DTYPES, size_option, write
 from .formats import read_checkpoint
 from .tensor_io import FormatError, return_freed_memory_promptly
 
@@ -85,8 +86,8 @@ def write_output(ckpt: Checkpoint, output_dir: str | Path, output_type: str, *,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.merge_lora", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m model.merge_lora", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_model", required=True, help="model directory or any checkpoint "
                    "model.convert reads (Meta, Hugging Face, ...)")
     p.add_argument("--lora_model", required=True,
@@ -97,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "result; overrides the base's and the adapters'")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "f32", "f16", "q8_0"),
                    help="output dtype (default: the base's; GGUF: f16)")
-    p.add_argument("--shards", type=int, default=1, help="model-parallel shards for pth")
-    p.add_argument("--pad_vocab_to_multiple_of", type=int, metavar="M",
+    p.add_argument("--shards", type=positive_int, default=1, help="model-parallel shards for pth")
+    p.add_argument("--pad_vocab_to_multiple_of", type=positive_int, metavar="M",
                    help="zero rows so the vocabulary divides by M (pth shards must be equal)")
-    p.add_argument("--max_shard_size", default="5GiB", help="largest safetensors file (default 5GiB)")
+    p.add_argument("--max_shard_size", type=size_option, default="5GiB",
+                   help="largest safetensors file (default 5GiB)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no_progress", action="store_true")
     return p
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     return_freed_memory_promptly()
     adapters = [s.strip() for s in a.lora_model.split(",") if s.strip()]
-    try:
+    with command_errors(output=a.output_dir):
         dst = output_path(Path(a.output_dir), a.output_type, a.dtype)
         inputs = [a.base_model, *adapters, a.tokenizer]
         check_output_against_inputs(dst, inputs)  # --overwrite cannot help with this one
@@ -119,12 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = merge(a.base_model, adapters, tokenizer=a.tokenizer, progress=not a.no_progress)
         write_output(ckpt, a.output_dir, a.output_type, overwrite=a.overwrite, dtype=a.dtype,
                      shards=a.shards, pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
-                     max_shard_bytes=parse_size(a.max_shard_size), progress=not a.no_progress,
-                     inputs=inputs)
-    except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"wrote {dst}: vocabulary {ckpt.args.vocab_size}, adapters applied in order: "
-          f"{', '.join(adapters)}")
+                     max_shard_bytes=a.max_shard_size, progress=not a.no_progress, inputs=inputs)
+        print(f"wrote {dst}: vocabulary {ckpt.args.vocab_size}, adapters applied in order: "
+              f"{', '.join(adapters)}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from torch import nn
 from tokenizer.files import check_output_against_inputs
 from tokenizer.spm_io import load_sp, resolve_model_file
 
+from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from .checkpoint import Checkpoint, pad_vocab
 from .formats import read_checkpoint, write_model_dir
 from .llama import Transformer
@@ -160,14 +161,14 @@ def resize_checkpoint(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.resize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m model.resize", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model directory, or any checkpoint model.convert reads "
                    "(its tokenizer.model is the old tokenizer)")
     p.add_argument("--tokenizer", required=True, help="the new tokenizer (file or directory)")
     p.add_argument("--output", required=True, help="model directory to write")
     p.add_argument("--init", choices=INITS, default="subtoken", help="how new rows start")
-    p.add_argument("--pad_to_multiple_of", type=int, metavar="N",
+    p.add_argument("--pad_to_multiple_of", type=positive_int, metavar="N",
                    help="add zero rows so the row count divides by N (e.g. 64 for GPUs, or the "
                         "number of Meta shards)")
     p.add_argument("--seed", type=int, default=0, help="for --init normal")
@@ -179,18 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     return_freed_memory_promptly()
-    try:
+    with command_errors(output=a.output):
         check_output_against_inputs(a.output, (a.model, a.tokenizer))  # --overwrite cannot help
         ckpt = read_checkpoint(a.model, progress=not a.no_progress)
         old_vocab = ckpt.args.vocab_size
         ckpt = resize_checkpoint(ckpt, a.tokenizer, a.init,
                                  pad_to_multiple_of=a.pad_to_multiple_of, seed=a.seed)
         write_model_dir(ckpt, a.output, overwrite=a.overwrite, progress=not a.no_progress,
+        if Path(a.output).exists() and not a.overwrite:  # fail before the work, not after
+            raise FileExistsError(f"{a.output} already exists (use --overwrite to replace it)")
                         inputs=(a.model, a.tokenizer))
-    except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"wrote {a.output}: vocabulary {old_vocab} -> {ckpt.args.vocab_size} rows "
-          f"(init {a.init})")
+        print(f"wrote {a.output}: vocabulary {old_vocab} -> {ckpt.args.vocab_size} rows "
+              f"(init {a.init})")
 
 
 if __name__ == "__main__":

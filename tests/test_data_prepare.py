@@ -215,7 +215,7 @@ def test_missing_inputs_and_options(tok, tmp_path):
     with pytest.raises(DataError, match="is a directory"):
         run("--tokenizer", tok, "--input", tmp_path, "--output_dir", tmp_path / "o")
     (tmp_path / "a.txt").write_text("文\n", encoding="utf-8")
-    with pytest.raises(DataError, match="--num_workers"):
+    with pytest.raises(SystemExit):  # refused by the parser, naming --num_workers
         run("--tokenizer", tok, "--input", tmp_path / "a.txt", "--output_dir", tmp_path / "o",
             "--num_workers", 0)
     assert not (tmp_path / "o").exists()

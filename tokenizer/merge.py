@@ -48,6 +48,7 @@ from typing import Any
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from .cli import ArgumentParser, command_errors
 from .hf_files import write_hf_tokenizer_files
 from .files import atomic_output_dir, check_output_against_inputs, sha256_file
 from .spm_io import load_sp, resolve_model_file
@@ -249,8 +250,8 @@ def merge(opts: Any) -> MergeReport:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tokenizer.merge", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tokenizer.merge", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama_tokenizer_dir", required=True,
                    help="LLaMA's tokenizer.model, or a directory holding it")
     p.add_argument("--chinese_sp_model_file", required=True, help="the Chinese sentencepiece model")
@@ -273,12 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     opts = build_parser().parse_args(argv)
-    try:
+    with command_errors(output=opts.output_dir):
         report = merge(opts)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(format_report(report))
-    print(f"wrote {opts.output_dir}")
+        print(format_report(report))
+        print(f"wrote {opts.output_dir}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli import ArgumentParser, command_errors, positive_int
 from .spm_io import load_sp, resolve_model_file
 
 
@@ -114,21 +115,19 @@ def table(stats: list[Stats]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tokenizer.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tokenizer.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", action="append", required=True,
                    help="a sentencepiece model or a directory holding tokenizer.model (repeat)")
     p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
-    p.add_argument("--repeats", type=int, default=5,
+    p.add_argument("--repeats", type=positive_int, default=5,
                    help="timing rounds, tokenizers taking turns in each; medians reported (default 5)")
     a = p.parse_args(argv)
-    try:
+    with command_errors():
         lines = read_lines(a.input)
-        stats = measure(a.tokenizer, lines, max(1, a.repeats))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"{len(lines):,} lines, {stats[0].chars:,} characters from {', '.join(a.input)}\n")
-    print(table(stats))
+        stats = measure(a.tokenizer, lines, a.repeats)
+        print(f"{len(lines):,} lines, {stats[0].chars:,} characters from {', '.join(a.input)}\n")
+        print(table(stats))
 
 
 if __name__ == "__main__":

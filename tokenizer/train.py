@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 from pathlib import Path
 
 import sentencepiece as spm
 
+from .cli import ArgumentParser, command_errors, non_negative_int, positive_int, probability
 from .files import atomic_output_files
 
 
@@ -68,34 +70,55 @@ def train(a: argparse.Namespace) -> Path:
         try:
             spm.SentencePieceTrainer.train(**trainer_options(a, str(tmp / prefix.name), inputs))
         except RuntimeError as e:
-            raise ValueError(f"sentencepiece could not train on {', '.join(map(str, inputs))}: {e}") from None
+            raise ValueError(explain_trainer_error(e, a, inputs)) from None
     return outputs[0]
 
 
+def explain_trainer_error(e: RuntimeError, a: argparse.Namespace, inputs: list[Path]) -> str:
+    """sentencepiece's trainer errors, which quote its C++ checks, as the option to change.
+
+    e.g. "Vocabulary size too high (5000). Please set it to a value <= 300." becomes
+    "--vocab_size 5000 is too large for corpus.txt: …".
+    """
+    text, corpus = " ".join(str(e).split()), ", ".join(map(str, inputs))
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
+        return (f"--vocab_size {m.group(1)} is too large for {corpus}: sentencepiece can make at most "
+                f"{m.group(2)} pieces from it (lower --vocab_size, or give more text)")
+    if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text):
+        return (f"--vocab_size {m.group(1)} is smaller than the {m.group(2)} characters and special pieces "
+                f"that --character_coverage {a.character_coverage} keeps from {corpus} (raise "
+                "--vocab_size or lower --character_coverage)")
+    if m := re.search(r"\[(trainer_spec_?\.(\w+)\(\).*?)\]", text):
+        # a range check on one of the trainer's settings, most of which are our options
+        option = m.group(2)
+        rule = re.sub(r"trainer_spec_?\.(\w+)\(\)", r"\1", m.group(1))
+        if hasattr(a, option):
+            return f"--{option} {getattr(a, option)}: sentencepiece requires {rule}"
+    return f"sentencepiece could not train on {corpus}: {text}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tokenizer.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tokenizer.train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="text files (globs allowed), one sentence or document per line")
     p.add_argument("--model_prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--vocab_size", type=int, default=20000)
+    p.add_argument("--vocab_size", type=positive_int, default=20000)
     p.add_argument("--model_type", choices=("unigram", "bpe"), default="unigram")
-    p.add_argument("--character_coverage", type=float, default=0.9995)
-    p.add_argument("--input_sentence_size", type=int, default=10_000_000,
+    p.add_argument("--character_coverage", type=probability, default=0.9995)
+    p.add_argument("--input_sentence_size", type=non_negative_int, default=10_000_000,
                    help="sample at most this many lines (0: all)")
-    p.add_argument("--max_sentence_length", type=int, default=16384, help="longest line used, in bytes")
-    p.add_argument("--num_threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--max_sentence_length", type=positive_int, default=16384, help="longest line used, in bytes")
+    p.add_argument("--num_threads", type=positive_int, default=os.cpu_count() or 1)
     p.add_argument("--overwrite", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    try:
+    with command_errors(output=a.model_prefix):
         model = train(a)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    print(f"wrote {model} ({sp.vocab_size()} pieces)")
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        print(f"wrote {model} ({sp.vocab_size()} pieces)")
 
 
 if __name__ == "__main__":

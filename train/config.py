@@ -62,13 +62,22 @@ class OptimConfig:
     clip_grad_norm: float | None = 1.0
 
 
+LORA_DEFAULTS = {"r": 8, "alpha": 32.0, "targets": ("wq", "wk", "wv", "wo", "w1", "w2", "w3"),
+                 "modules_to_save": ("tok_embeddings", "output")}
+
+
 @dataclass
 class LoRASection:
-    r: int = 8
-    alpha: float = 32.0
+    # Unset (null): the adapter's values with init_from, else LORA_DEFAULTS (Chinese-LLaMA's
+    # r 8, α 32, all seven projections, embeddings and output trained in full).
+    r: int | None = None
+    alpha: float | None = None
     dropout: float = 0.05
-    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-    modules_to_save: tuple[str, ...] = ("tok_embeddings", "output")
+    targets: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    # An adapter to continue training (ours or PEFT's, e.g. Chinese-Alpaca's): its LoRA
+    # factors and embeddings are the starting point.
+    init_from: str | None = None
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from data.toy import chinese_documents, english_documents
+from tokenizer.cli import INTERRUPTED_EXIT, ArgumentParser, CommandError, command_errors
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
@@ -41,8 +42,14 @@ def step(n: int, text: str) -> None:
 def python(*args: str, quiet: bool = True) -> str:
     """Run one of the project's commands as its own process, as a user would."""
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    if r.returncode == INTERRUPTED_EXIT:
+        raise KeyboardInterrupt
     if r.returncode:
-        raise SystemExit(f"error: `{' '.join(args[:2])} …` failed:\n{r.stderr[-2000:]}")
+        # The step's own one-line error says it all; failing that, its last words.
+        lines = [l.strip() for l in r.stderr.splitlines() if l.strip()]
+        said = [l[len("error:"):].strip() for l in lines if l.startswith("error:")]
+        detail = said[-1] if said else lines[-1] if lines else f"exit status {r.returncode}"
+        raise CommandError(f"`{' '.join(args[:2])} …` failed: {detail}")
     return r.stdout
 
 
@@ -158,7 +165,7 @@ def losses(run_dir: Path) -> str:
 def run(work: Path, overwrite: bool = False) -> None:
     if work.exists():
         if not overwrite:
-            raise SystemExit(f"error: {work} already exists (use --overwrite to replace it)")
+            raise FileExistsError(f"{work} already exists (use --overwrite to replace it)")
         shutil.rmtree(work)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -181,12 +188,13 @@ def run(work: Path, overwrite: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.recipe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.recipe", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="where every step writes (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace --workdir if it exists")
     a = p.parse_args(argv)
-    run(Path(a.workdir), a.overwrite)
+    with command_errors(output=a.workdir):
+        run(Path(a.workdir), a.overwrite)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .config import ConfigError, TrainConfig, to_dict
 # Keys whose change makes a checkpoint meaningless for the new run.
 FIXED = ("stage", "seed", "model.path", "model.new_rows_from", "data.path", "data.block_size",
          "data.val_fraction", "data.pack", "data.max_seq_length", "lora.r", "lora.alpha",
-         "lora.targets", "lora.modules_to_save")
+         "lora.targets", "lora.modules_to_save", "lora.init_from")
 # Keys that differ between runs without changing what is trained; not worth a word.
 QUIET = ("output_dir",)
 
@@ -49,7 +49,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _paths_resolved(flat: dict[str, Any]) -> dict[str, Any]:
     """model.path and data.path compared as the directories they name."""
-    return {k: (str(Path(v).resolve()) if k in ("model.path", "data.path") and v else v)
+    return {k: (str(Path(v).resolve()) if k in ("model.path", "data.path", "lora.init_from") and v else v)
             for k, v in flat.items()}
 
 

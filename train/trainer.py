@@ -41,6 +41,7 @@ from . import checkpoint as ckpt_io
 from .config import ConfigError, TrainConfig, dump, load_config
 from .distributed import DistInfo, all_reduce_sum, setup, teardown
 from .lock import RunLock, RunLocked
+from .lora_setup import plan_lora
 from .optim import LossScaler, build_optimizer, lr_at, set_lr
 from .resume import ResumePlan, base_fingerprint, check_model_outside_output, plan_resume
 from .parallelize import clean_name, parallelize
@@ -61,6 +62,7 @@ class Built:
     model: nn.Module
     base: Checkpoint  # the checkpoint the frozen weights come from
     lora: LoRAConfig | None
+    origin: Checkpoint | None = None  # model.path, when `base` grew an adapter's embeddings
 
 
 # ---------------------------------------------------------------------------------------
@@ -69,13 +71,15 @@ class Built:
 
 def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
     """Meta-device model → LoRA (stage lora) → trainable marks → shard → load weights."""
-    base = read_checkpoint(cfg.model.path, progress=False)
-    model = build_model(base.args, init=False)
-    lora = None
+    origin = base = read_checkpoint(cfg.model.path, progress=False)
+    lora, init = None, {}
     if cfg.stage == "lora":
-        s = cfg.lora
-        lora = LoRAConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=s.targets,
-                          modules_to_save=s.modules_to_save)
+        plan = plan_lora(cfg.lora, base)  # continues lora.init_from when set
+        lora, base, init = plan.config, plan.base, plan.init
+    elif cfg.lora.init_from is not None:
+        raise ConfigError(f"lora.init_from: only for stage lora (stage is {cfg.stage!r})")
+    model = build_model(base.args, init=False)
+    if lora is not None:
         apply_lora(model, lora)
         mark_trainable(model, lora.modules_to_save)
     elif cfg.stage == "embeddings":
@@ -90,16 +94,20 @@ def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
             p.data = p.data.to(frozen_dtype)
     parallelize(model, cfg.parallel, dist.mesh)
     model.to_empty(device=dist.device)
-    load_weights(model, base, cfg.seed)
-    return Built(model, base, lora)
+    load_weights(model, base, cfg.seed, init)
+    return Built(model, base, lora, origin)
 
 
-def initial_tensor(name: str, shape: torch.Size, base: Checkpoint, seed: int) -> torch.Tensor:
-    """The starting value of a parameter: from the checkpoint, or LoRA's initialisation.
+def initial_tensor(name: str, shape: torch.Size, base: Checkpoint, seed: int,
+                   init: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The starting value of a parameter: from `init` (a continued adapter's factors), the
+    checkpoint, or LoRA's initialisation.
 
     LoRA's A is drawn from a generator seeded by the parameter's name, so its value does
     not depend on the number of ranks or on the order parameters are visited in.
     """
+    if init and name in init:
+        return init[name]
     if name in base.specs:
         return base.get(name)
     if name.endswith(".lora_b"):
@@ -112,10 +120,11 @@ def initial_tensor(name: str, shape: torch.Size, base: Checkpoint, seed: int) ->
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, base: Checkpoint, seed: int) -> None:
+def load_weights(model: nn.Module, base: Checkpoint, seed: int,
+                 init: dict[str, torch.Tensor] | None = None) -> None:
     """Fill every (possibly sharded) parameter, one full tensor at a time."""
     for raw_name, p in model.named_parameters():
-        full = initial_tensor(clean_name(raw_name), p.shape, base, seed).to(p.device, p.dtype)
+        full = initial_tensor(clean_name(raw_name), p.shape, base, seed, init).to(p.device, p.dtype)
         if isinstance(p, DTensor):  # each rank keeps its own slice; no communication needed
             full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
         p.copy_(full)
@@ -401,10 +410,11 @@ def export(cfg: TrainConfig, built: Built, dist: DistInfo) -> Path:
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
         if dist.is_main:
             state = {k: v for k, v in full.items() if k in adapter_keys(full, built.lora)}
-            save_adapter(state, built.lora, out / "adapter", base_vocab_size=built.base.args.vocab_size,
+            origin = built.origin or built.base  # the base at model.path, before any adapter
+            save_adapter(state, built.lora, out / "adapter", base_vocab_size=origin.args.vocab_size,
                          vocab_size=built.base.args.vocab_size, overwrite=True, tokenizer=tokenizer,
                          tokenizer_sha256=sha256_file(tokenizer) if tokenizer else None,
-                         base_params=built.base.args.to_params())
+                         base=origin)
         return out / "adapter"
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:
