@@ -32,6 +32,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tokenizer.cli import (ArgumentParser, command_errors, interrupts_to_parent_only,
+                           positive_float, positive_int)
 from tokenizer.files import atomic_output_dir, check_output_against_inputs, sha256_file
 from tokenizer.spm_io import load_sp, resolve_model_file
 
@@ -94,7 +96,8 @@ def run_units(worker, units: list[Any], num_workers: int, total_bytes: int, desc
         ctx = multiprocessing.get_context("spawn")  # no inherited state, same on every OS
         pool = ProcessPoolExecutor(max_workers=min(num_workers, len(units)), mp_context=ctx)
         try:
-            futures = [pool.submit(worker, unit) for unit in units]
+            with interrupts_to_parent_only():  # the workers start here; Ctrl-C is ours to handle
+                futures = [pool.submit(worker, unit) for unit in units]
             for future, unit in zip(futures, units):
                 future.result()  # a worker's DataError surfaces here, in unit order
                 bar.update(unit.nbytes)
@@ -102,6 +105,12 @@ def run_units(worker, units: list[Any], num_workers: int, total_bytes: int, desc
         except BrokenProcessPool:
             raise DataError("a worker process died (out of memory? try fewer --num_workers "
                             "or a smaller --chunk_mb)") from None
+        except KeyboardInterrupt:
+            # Workers do not see Ctrl-C and would finish their units first: stop them, so
+            # that the output's temporary directory is removed after their last write.
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -176,16 +185,16 @@ def prepare(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="sentencepiece model (file or directory)")
     p.add_argument("--input", nargs="+", required=True,
                    help="files or globs (quoted), in order: .txt/.jsonl, or .json/.jsonl with --sft")
     p.add_argument("--output_dir", required=True, help="token directory to write (must not exist)")
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--num_workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                    help="tokenizing processes (default: CPU count, at most 8); the output is the "
                         "same for any number")
-    p.add_argument("--chunk_mb", type=float, default=64.0,
+    p.add_argument("--chunk_mb", type=positive_float, default=64.0,
                    help="input per work unit and token file, in MB (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace --output_dir if it exists")
     g = p.add_argument_group("pretraining text")
@@ -200,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft", action="store_true", help="prepare instruction data")
     g.add_argument("--template", default="cla_v1", choices=tuple(TEMPLATES),
                    help="prompt template (default cla_v1, Chinese-Alpaca's)")
-    g.add_argument("--max_seq_length", type=int, default=512,
+    g.add_argument("--max_seq_length", type=positive_int, default=512,
                    help="longest sample in tokens; longer ones are shortened, keeping EOS (default 512)")
     g.add_argument("--field_map", default="",
                    help="our=theirs pairs, e.g. instruction=question,output=std_answer; dotted "
@@ -211,15 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    try:
+    with command_errors(output=a.output_dir):
         meta = prepare(a)
-    except (DataError, OSError, ValueError) as e:  # OSError: unreadable input, full disk…
-        raise SystemExit(f"error: {e}") from None
-    skipped = ", ".join(f"{v:,} {k}" for k, v in meta["skipped"].items()) or "none"
-    extra = f"; {meta['truncated']:,} truncated" if a.sft else ""
-    print(f"wrote {a.output_dir}: {meta['num_documents']:,} {'samples' if a.sft else 'documents'}, "
-          f"{meta['num_tokens']:,} tokens ({meta['dtype']}) in {len(meta['files'])} file(s); "
-          f"skipped: {skipped}{extra}")
+        skipped = ", ".join(f"{v:,} {k}" for k, v in meta["skipped"].items()) or "none"
+        extra = f"; {meta['truncated']:,} truncated" if a.sft else ""
+        print(f"wrote {a.output_dir}: {meta['num_documents']:,} {'samples' if a.sft else 'documents'}, "
+              f"{meta['num_tokens']:,} tokens ({meta['dtype']}) in {len(meta['files'])} file(s); "
+              f"skipped: {skipped}{extra}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tokenizer.cli import ArgumentParser, command_errors
 from tokenizer.files import atomic_output_dir
 from tokenizer.spm_io import load_sp
 
@@ -34,7 +35,7 @@ from .checkpoint import Checkpoint
 from .formats.hf import canonical_to_hf_name, hf_to_canonical_name, permute_from_hf, permute_to_hf
 from .llama import ModelArgs
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGET_ALIASES
-from .tensor_io import FormatError, TensorSpec, read_json, safe_torch_load
+from .tensor_io import FormatError, TensorSpec, open_safetensors, read_json, safe_torch_load
 
 _PEFT_PREFIX = "base_model.model."
 _PEFT_LORA = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -83,11 +84,8 @@ class _TensorFile:
         st, binary = path / ADAPTER_WEIGHTS, path / "adapter_model.bin"
         self._file, self._tensors = st, None
         if st.exists():
-            try:
-                with safe_open(st, framework="pt") as f:
-                    self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            except Exception as e:  # safetensors raises its own error types
-                raise FormatError(f"{st}: not a readable safetensors file ({e})") from None
+            with open_safetensors(st) as f:
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         elif binary.exists():
             state = safe_torch_load(binary)  # mapped: tensors are read when touched
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
@@ -384,19 +382,17 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m model.adapters", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m model.adapters", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", help="one of our adapter directories (adapter_config.json + "
                    "adapter_model.safetensors)")
     p.add_argument("output", help="directory to write")
     p.add_argument("--format", choices=("peft",), default="peft", help="what to write (default peft)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    try:
+    with command_errors(output=a.output):
         write_peft_adapter(a.adapter, a.output, a.overwrite)
-    except (FormatError, FileExistsError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"wrote {a.output} (PEFT LoRA adapter)")
+        print(f"wrote {a.output} (PEFT LoRA adapter)")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from torch import nn
 
+from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import check_output_against_inputs
 from tokenizer.spm_io import load_sp, resolve_model_file
 
-from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from .checkpoint import Checkpoint, pad_vocab
 from .formats import read_checkpoint, write_model_dir
 from .llama import Transformer
@@ -182,13 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     return_freed_memory_promptly()
     with command_errors(output=a.output):
         check_output_against_inputs(a.output, (a.model, a.tokenizer))  # --overwrite cannot help
+        if Path(a.output).exists() and not a.overwrite:  # fail before the work, not after
+            raise FileExistsError(f"{a.output} already exists (use --overwrite to replace it)")
         ckpt = read_checkpoint(a.model, progress=not a.no_progress)
         old_vocab = ckpt.args.vocab_size
         ckpt = resize_checkpoint(ckpt, a.tokenizer, a.init,
                                  pad_to_multiple_of=a.pad_to_multiple_of, seed=a.seed)
         write_model_dir(ckpt, a.output, overwrite=a.overwrite, progress=not a.no_progress,
-        if Path(a.output).exists() and not a.overwrite:  # fail before the work, not after
-            raise FileExistsError(f"{a.output} already exists (use --overwrite to replace it)")
                         inputs=(a.model, a.tokenizer))
         print(f"wrote {a.output}: vocabulary {old_vocab} -> {ckpt.args.vocab_size} rows "
               f"(init {a.init})")

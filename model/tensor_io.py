@@ -12,12 +12,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+
+from tokenizer.cli import refused_pickle
 
 # safetensors' dtype names (the format's spec) for the dtypes a LLaMA checkpoint holds.
 SAFETENSORS_DTYPES = {
@@ -196,6 +200,10 @@ def safe_torch_load(path: Path, mmap: bool = True) -> Any:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # what weights_only refuses: name what it tried to load
+        raise FormatError(f"{path}: refused: {refused_pickle(e)}") from None
+    except OSError:  # missing, unreadable: the command's error line names path and errno
+        raise
     except RuntimeError as e:
         if mmap and "mmap" in str(e):
             # Files from torch < 1.6 (not a zip archive) cannot be mapped; read them whole.
@@ -203,6 +211,56 @@ def safe_torch_load(path: Path, mmap: bool = True) -> Any:
         raise FormatError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(e)})") from None
     except Exception as e:  # the unpickler raises many types for hostile or broken files
         raise FormatError(f"{path}: refused or unreadable ({_first_line(e)})") from None
+
+
+# safetensors' own limit on the header (its MAX_HEADER_SIZE): anything above is not a header.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header cannot be true, saying how it is broken.
+
+    safetensors' own errors ("incomplete metadata, file not fully covered") do not say
+    that a file is truncated, nor by how much; the header says how long the file must be.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise FormatError(f"{path}: {size} bytes, too short to be a safetensors file")
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise FormatError(f"{path}: its header length field says {n:,} bytes, but the file "
+                              f"has {size - 8:,} after it (truncated, or not a safetensors file)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise FormatError(f"{path}: its header is not valid JSON ({e}); not a safetensors "
+                          "file, or a corrupt one") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: its header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise FormatError(f"{path}: header entry {name!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    short = end - (size - 8 - n)
+    if short > 0:
+        raise FormatError(f"{path}: {short:,} bytes short of what its header describes "
+                          "(truncated download or copy?)")
+
+
+def open_safetensors(path: Path) -> Any:
+    """`safe_open(path)`, after `check_safetensors`; one FormatError for any broken file."""
+    check_safetensors(path)
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types
+        raise FormatError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -448,7 +448,7 @@ test_model_merge_lora = _table_test("model.merge_lora", MERGE_LORA, ("--no_progr
 
 ADAPTERS = [
     case("adapter-missing", "{root}/none", "{out}", words="none"),
-    case("not-ours", "{peft}", "{out}", words=("peft", "adapter_config.json")),
+    case("not-ours", "{peft}", "{out}", words=("peft", "not a zhllama adapter")),
     case("config-not-json", "{adapter_badjson}", "{out}", words=("adapter_config.json", "JSON")),
     case("weights-truncated", "{adapter_truncated}", "{out}", words=("adapter_model.safetensors", "bytes short")),
     case("evil-bin", "{adapter_evil}", "{out}", words=("adapter_model.bin", "posix.system")),

@@ -385,3 +385,30 @@ def test_ctrl_c_says_what_was_kept(world, tmp_path):
     r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     line = one_error(r, code=130)
     assert line.startswith("error: interrupted at step ") and "the run resumes from step-" in line, line
+
+
+def _launch(cmd: list[str]) -> list[str]:
+    """The same run under `python -m train.launch` (torchrun in-process) instead of torchrun."""
+    i = cmd.index("torch.distributed.run")
+    return [*cmd[:i], "train.launch", *cmd[i + 1:]]
+
+
+def test_ctrl_c_under_torchrun_ends_in_one_line(world, tmp_path):
+    out = tmp_path / "run"
+    cmd = _launch(train_cmd("pretrain", "stage2.yaml", world, out, *FAST, "--optim.max_steps=100000",
+                            "--checkpoint.every=2", nproc=2))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    wait_for(out / "step-4" / "meta.json", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process at once
+    stdout, stderr = proc.communicate(timeout=120)
+    line = one_error(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), code=130)
+    assert "interrupted at step" in line and "the run resumes from step-" in line, line
+
+
+def test_a_failure_under_torchrun_is_one_line(world, tmp_path):
+    cmd = _launch(train_cmd("pretrain", "stage2.yaml", world, tmp_path / "run", *FAST,
+                            "--optim.max_steps=2", nproc=2))
+    cmd = [c if not c.startswith("--data.path=") else f"--data.path={tmp_path / 'missing'}" for c in cmd]
+    line = one_error(run(cmd, ok=False))
+    assert str(tmp_path / "missing") in line, line

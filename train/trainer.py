@@ -448,7 +448,16 @@ def script_main(argv: list[str] | None, prog: str, doc: str, make_data: DataFact
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (see configs/)")
     a, overrides = p.parse_known_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # torchrun stops workers with SIGTERM
+    # Ctrl-C reaches every rank at once (and torchrun forwards SIGINT or SIGTERM); after
+    # it, whatever a rank hits — often a peer's closed connection — is part of the stop.
+    stopped: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     dist = None
     try:
         cfg = load_config(a.config, overrides)
@@ -470,11 +479,11 @@ def script_main(argv: list[str] | None, prog: str, doc: str, make_data: DataFact
     except (Interrupted, KeyboardInterrupt) as e:
         _fail(str(e) if isinstance(e, Interrupted) else "interrupted", 130, dist)
     except (ValueError, OSError, NonFiniteLoss, RunLocked) as e:  # ConfigError, DataError, FormatError…
-        _fail(str(e), 1, dist)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+        _fail("interrupted" if stopped else str(e), 130 if stopped else 1, dist)
+    except RuntimeError as e:
+        if not stopped:
+            raise
+        _fail("interrupted", 130, dist)
 
 
 def _fail(message: str, code: int, dist: DistInfo | None) -> None:

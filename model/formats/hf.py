@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from tokenizer.files import Inputs, atomic_output_dir
 from tokenizer.hf_files import special_tokens, write_hf_tokenizer_files
@@ -22,7 +21,7 @@ from tokenizer.hf_files import special_tokens, write_hf_tokenizer_files
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs, ffn_params_for
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, read_json, safe_torch_load,
+    FormatError, Reopening, TensorSpec, open_safetensors, read_json, safe_torch_load,
     write_sharded_safetensors,
 )
 from .progress import tensor_progress
@@ -138,7 +137,7 @@ def _weight_map(path: Path) -> dict[str, str]:
             except (json.JSONDecodeError, KeyError) as e:
                 raise FormatError(f"{f}: not a weight index ({e})") from None
         if fname.endswith(".safetensors"):
-            with safe_open(f, framework="pt") as st:
+            with open_safetensors(f) as st:
                 return {k: fname for k in st.keys()}
         return {k: fname for k in safe_torch_load(f)}
     raise FormatError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
@@ -156,10 +155,7 @@ class _HFFiles:
         if not f.exists():
             raise FormatError(f"{f}: listed in the weight index but missing")
         if fname.endswith(".safetensors"):
-            try:
-                return safe_open(f, framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+            return open_safetensors(f)
         return safe_torch_load(f)
 
     def spec(self, hf_name: str) -> TensorSpec:

@@ -68,11 +68,12 @@ def verify_checklist(path: Path, progress: bool = True) -> None:
             if len(parts) != 2:
                 raise FormatError(f"{chk}:{lineno}: expected 'md5  filename', got {line!r}")
             entries.append((parts[0].lower(), path / parts[1].lstrip("*")))
-    total = sum(f.stat().st_size for _, f in entries if f.exists())
+    missing = [f.name for _, f in entries if not f.exists()]
+    if missing:  # before hours of hashing, not after
+        raise FormatError(f"{chk}: lists {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} missing")
+    total = sum(f.stat().st_size for _, f in entries)
     with tqdm(total=total, desc="md5", unit="B", unit_scale=True, disable=not progress) as bar:
         for expected, f in entries:
-            if not f.exists():
-                raise FormatError(f"{chk}: lists {f.name}, which is missing")
             if md5_file(f, bar.update) != expected:
                 raise FormatError(f"{f}: md5 does not match checklist.chk (corrupt or truncated download?)")
 
@@ -93,6 +94,21 @@ def read_params(path: Path) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise FormatError(f"{params_file}: expected a JSON object")
     return params
+
+
+def check_shard_count(path: Path, params: dict[str, Any], shards: list[dict[str, torch.Tensor]]) -> None:
+    """Name the shards that are missing, which the numbering alone cannot show when the
+    last ones are gone: each shard holds dim / n columns of the embedding."""
+    emb, dim = shards[0].get("tok_embeddings.weight"), params.get("dim")
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or not isinstance(dim, int):
+        return  # the shape checks that follow explain these
+    cols = emb.shape[1]
+    if 0 < cols < dim and dim % cols == 0 and dim // cols > len(shards):
+        n = dim // cols
+        missing = [f"consolidated.{i:02d}.pth" for i in range(len(shards), n)]
+        raise FormatError(f"{path}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"missing: params.json's dim {dim} over {cols} embedding columns per "
+                          f"shard makes {n} shards, found {len(shards)}")
 
 
 def _merged_specs(shards: list[dict[str, torch.Tensor]], where: Path) -> dict[str, TensorSpec]:
@@ -128,6 +144,7 @@ def read_meta(
     for f, shard in zip(files, shards):
         if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
             raise FormatError(f"{f}: expected a dictionary of tensors")
+    check_shard_count(path, params, shards)
     specs = _merged_specs(shards, path)
     if "tok_embeddings.weight" not in specs:
         raise FormatError(f"{path}: tensor tok_embeddings.weight is missing")

@@ -16,14 +16,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from tokenizer.files import Inputs, atomic_output_dir, sha256_file
 
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, write_sharded_safetensors,
+    FormatError, Reopening, TensorSpec, open_safetensors, write_sharded_safetensors,
 )
 from .meta import read_params
 from .progress import tensor_progress
@@ -49,20 +48,14 @@ def _weight_files(path: Path) -> dict[str, str]:
     f = path / "model.safetensors"
     if not f.exists():
         raise FormatError(f"{path}: model.safetensors is missing")
-    try:
-        with safe_open(f, framework="pt") as st:
-            return {k: f.name for k in st.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+    with open_safetensors(f) as st:
+        return {k: f.name for k in st.keys()}
 
 
 def _open_safetensors(f: Path):
     if not f.exists():
         raise FormatError(f"{f}: listed in the weight index but missing")
-    try:
-        return safe_open(f, framework="pt")
-    except Exception as e:
-        raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+    return open_safetensors(f)
 
 
 def read_model_dir(path: str | Path) -> Checkpoint:
