@@ -131,6 +131,8 @@ def finish(meta: dict[str, Any], results: list[dict[str, Any]], skipped: dict[st
     meta["files"] = [r["file"] for r in results]
     meta["num_tokens"] = sum(r["file"]["num_tokens"] for r in results)
     meta["num_documents"] = sum(r["file"]["num_documents"] for r in results)
+    ids = [r["file"]["max_token_id"] for r in results if r["file"]["max_token_id"] is not None]
+    meta["max_token_id"] = max(ids) if ids else None
     skipped = dict(skipped)
     for r in results:
         for k, v in r["skipped"].items():

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tokenizer.cli import ArgumentParser, command_errors
-from tokenizer.files import atomic_output_dir
+from tokenizer.files import atomic_output_dir, sha256_file
+from tokenizer.schema import Field, check_fields
 from tokenizer.spm_io import load_sp
 
-from .checkpoint import Checkpoint
+from .checkpoint import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
 from .formats.hf import canonical_to_hf_name, hf_to_canonical_name, permute_from_hf, permute_to_hf
-from .llama import ModelArgs
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGET_ALIASES
+from .llama import ModelArgs, ffn_hidden_dim
+from .lora import (
+    ADAPTER_CONFIG, ADAPTER_FIELDS, ADAPTER_WEIGHTS, TARGET_ALIASES, check_rank, read_adapter_config,
+)
 from .tensor_io import FormatError, TensorSpec, open_safetensors, read_json, safe_torch_load
 
 _PEFT_PREFIX = "base_model.model."
@@ -144,19 +148,26 @@ def read_adapter_weights(path: str | Path, n_heads: int, n_kv_heads: int) -> Ada
                       f"(peft_type {config.get('peft_type')!r})")
 
 
-def _positive(config: dict[str, Any], key: str, where: Path) -> float:
-    """config[key] as a positive number, or one FormatError naming the file and the key."""
-    value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        what = "missing" if value is None else f"{value!r}, not a positive number"
-        raise FormatError(f"{where}: '{key}' is {what}")
-    return value
+# What each key of PEFT's adapter_config.json that we read may hold.
+PEFT_FIELDS = {
+    "r": Field("integer", min=1),
+    "lora_alpha": Field("number", above=0),
+    "rank_pattern": Field("object", required=False, nullable=True, values=Field("integer", min=1)),
+    "alpha_pattern": Field("object", required=False, nullable=True, values=Field("number", above=0)),
+    "use_rslora": Field("boolean", required=False, nullable=True),
+    "use_dora": Field("boolean", required=False, nullable=True),
+    "modules_to_save": Field("list", required=False, nullable=True, items=Field("string")),
+    "lora_dropout": Field("number", min=0, max=1, required=False, nullable=True),
+    "fan_in_fan_out": Field("boolean", required=False, nullable=True),
+}
 
 
 def _ours(config: dict[str, Any], tensors: _TensorFile, tokenizer: Path | None,
           path: Path) -> AdapterWeights:
     where = path / ADAPTER_CONFIG
-    scaling = _positive(config, "alpha", where) / _positive(config, "r", where)
+    check_fields(config, ADAPTER_FIELDS, where, FormatError)
+    check_rank(tensors.shapes, config["r"], where)
+    scaling = config["alpha"] / config["r"]
     factors: dict[str, dict[str, torch.Tensor]] = {}
     lora_keys = [k for k in tensors.shapes if _OUR_LORA.fullmatch(k)]
     for name, t in tensors.load(lora_keys).items():
@@ -166,16 +177,36 @@ def _ours(config: dict[str, Any], tensors: _TensorFile, tokenizer: Path | None,
     lora = {n: (f["a"], f["b"], scaling) for n, f in factors.items() if {"a", "b"} <= f.keys()}
     if len(lora) != len(factors):
         raise FormatError(f"{path}: a LoRA factor without its partner")
-    base = {k: config.get(k) for k in ("base_vocab_size", "vocab_size", "base_params")}
+    base = {k: config.get(k) for k in ("base_vocab_size", "vocab_size", "base_params",
+                                       "tokenizer_sha256", "base_tensors_sha256")}
     return AdapterWeights(lora, replace, tensors.get, tokenizer, path, base)
 
 
-def _peft_scaling(config: dict[str, Any], module: str, r: float, alpha: float) -> float:
+def _peft_rank(config: dict[str, Any], module: str) -> tuple[int, str]:
+    """A module's rank and where it comes from: `r`, unless PEFT's rank_pattern names the module."""
+    return next(((v, f"rank_pattern.{k}") for k, v in (config.get("rank_pattern") or {}).items()
+                 if module.endswith(k)), (config["r"], "r"))
+
+
+def _peft_scaling(config: dict[str, Any], module: str) -> float:
     """lora_alpha / r, with PEFT's per-module patterns and rank-stabilised variant."""
-    r = next((v for k, v in (config.get("rank_pattern") or {}).items() if module.endswith(k)), r)
+    r, _ = _peft_rank(config, module)
     alpha = next((v for k, v in (config.get("alpha_pattern") or {}).items() if module.endswith(k)),
-                 alpha)
+                 config["lora_alpha"])
     return alpha / (r**0.5 if config.get("use_rslora") else r)
+
+
+def _check_peft_rank(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Every lora_A (r, in) and lora_B (out, r) against the module's rank in the config."""
+    for key, shape in shapes.items():
+        m = _PEFT_LORA.fullmatch(key.removeprefix(_PEFT_PREFIX))
+        if m is None:
+            continue
+        r, key_name = _peft_rank(config, m.group(1))
+        if len(shape) != 2 or shape[0 if m.group(2) == "A" else 1] != r:
+            want = f"[{r}, in]" if m.group(2) == "A" else f"[out, {r}]"
+            raise FormatError(f"{where}: {key_name}: {r}, but tensor {key} has shape "
+                              f"{list(shape)} (expected {want})")
 
 
 def _peft_whole_weights(config: dict[str, Any], tensors: _TensorFile, path: Path) -> dict[str, str]:
@@ -213,7 +244,8 @@ def _peft_whole_weights(config: dict[str, Any], tensors: _TensorFile, path: Path
 def _peft(config: dict[str, Any], tensors: _TensorFile, n_heads: int, n_kv_heads: int,
           tokenizer: Path | None, path: Path) -> AdapterWeights:
     where = path / ADAPTER_CONFIG
-    r, alpha = _positive(config, "r", where), _positive(config, "lora_alpha", where)
+    check_fields(config, PEFT_FIELDS, where, FormatError)
+    _check_peft_rank(config, tensors.shapes, where)
     if config.get("use_dora"):
         raise FormatError(f"{path}: DoRA adapters are not supported (only plain LoRA)")
     whole = _peft_whole_weights(config, tensors, path)
@@ -234,7 +266,7 @@ def _peft(config: dict[str, Any], tensors: _TensorFile, n_heads: int, n_kv_heads
         kind = ours.split(".")[-2]
         if kind in heads:  # B's rows are HF's rotary layout; A (the input side) is unaffected
             b = permute_from_hf(b, heads[kind])
-        lora[ours] = (a, b, _peft_scaling(config, module, r, alpha))
+        lora[ours] = (a, b, _peft_scaling(config, module))
     replace = {ours: tensors.shapes[key] for ours, key in whole.items()}
     return AdapterWeights(lora, replace, lambda name: tensors.get(whole[name]), tokenizer, path)
 
@@ -262,6 +294,47 @@ def _check_recorded_base(args: ModelArgs, adapter: AdapterWeights) -> None:
             hint = _RESIZE_HINT if n > args.vocab_size else "it was made for another base"
             raise FormatError(f"{where}: trained with a {n}-row vocabulary ({key}), but this base "
                               f"has {args.vocab_size} rows; {hint}")
+
+
+def _base_differences(ckpt: Checkpoint, adapter: AdapterWeights) -> list[str]:
+    """What differs between the base our adapter recorded and this one, beyond the sizes
+    `_check_recorded_base` refuses outright: other parameters, the tokenizer, the tensors."""
+    rec, args, found = adapter.base, ckpt.args, []
+    params = rec.get("base_params") or {}
+    want: dict[str, Any] = {k: params[k] for k in ("norm_eps", "rope_theta", "max_seq_len")
+                            if params.get(k) is not None}
+    if "dim" in params and "multiple_of" in params:
+        # the hidden size, not its knobs: conversions may pick other knobs for the same size
+        want["hidden_dim"] = ffn_hidden_dim(params["dim"], params["multiple_of"],
+                                            params.get("ffn_dim_multiplier"))
+    for key, value in want.items():
+        if getattr(args, key) != value:
+            found.append(f"{key} {value} (this base: {getattr(args, key)})")
+    # The tokenizer whose ids the merged rows follow: the adapter's when it carries the rows.
+    tok = adapter.tokenizer if adapter.vocab_size is not None else ckpt.tokenizer
+    if rec.get("tokenizer_sha256") and tok is not None:
+        sha = sha256_file(tok)
+        if sha != rec["tokenizer_sha256"]:
+            found.append(f"tokenizer sha256 {rec['tokenizer_sha256'][:12]}… ({tok} has {sha[:12]}…)")
+    if rec.get("base_tensors_sha256"):
+        sha = tensor_fingerprint(ckpt)
+        if sha != rec["base_tensors_sha256"]:
+            found.append(f"weights: sha256 of {', '.join(BASE_FINGERPRINT_TENSORS)} "
+                         f"{rec['base_tensors_sha256'][:12]}… (this base: {sha[:12]}…)")
+    return found
+
+
+def _check_same_base(ckpt: Checkpoint, adapter: AdapterWeights, force_base: bool) -> None:
+    """Refuse (or, forced, warn about) a base other than the one the adapter was trained on."""
+    found = _base_differences(ckpt, adapter)
+    if not found:
+        return
+    where = adapter.path / ADAPTER_CONFIG
+    what = f"{where}: trained on another base: {'; '.join(found)}"
+    if not force_base:
+        raise FormatError(f"{what}. Merge into the base it was trained on, or pass --force_base "
+                          "to merge anyway")
+    print(f"warning: {what} (merging anyway: --force_base)", file=sys.stderr)
 
 
 def _check_vocab(args: ModelArgs, adapter: AdapterWeights) -> int:
@@ -312,16 +385,25 @@ def _merged_specs(specs: dict[str, TensorSpec], adapter: AdapterWeights) -> dict
     return specs
 
 
-def merge_adapter(ckpt: Checkpoint, adapter: AdapterWeights) -> Checkpoint:
+def merge_adapter(ckpt: Checkpoint, adapter: AdapterWeights, *, force_base: bool = False
+                  ) -> Checkpoint:
     """The checkpoint with the adapter folded in (lazily: tensors are merged as fetched).
 
+    Args:
+        force_base: merge even when our adapter recorded another base than this one
+            (other parameters, tokenizer or weights); sizes that do not fit are refused
+            regardless.
+
     Raises:
-        FormatError: the adapter does not fit this base (size, vocabulary, tokenizer).
+        FormatError: the adapter does not fit this base (size, vocabulary, tokenizer), or
+            was trained on another base.
     """
     if adapter.base:
         _check_recorded_base(ckpt.args, adapter)
     vocab = _check_vocab(ckpt.args, adapter)
     specs = _merged_specs(ckpt.specs, adapter)
+    if adapter.base:
+        _check_same_base(ckpt, adapter, force_base)
     get, fetch = ckpt.get, adapter.fetch
 
     def get_merged(name: str) -> torch.Tensor:
@@ -344,9 +426,7 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
     over our Hugging Face export of the same base."""
     src = Path(src)
     where = src / ADAPTER_CONFIG
-    config = read_json(where)
-    if not isinstance(config, dict) or config.get("format") != "zhllama-lora":
-        raise FormatError(f"{src}: not a zhllama adapter")
+    config = read_adapter_config(src)
     params = config.get("base_params") or {}
     if "n_heads" not in params:
         raise FormatError(f"{where}: base_params (head counts) missing; re-save the adapter")
@@ -354,6 +434,7 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
     heads = {"wq": n_heads, "wk": params.get("n_kv_heads") or n_heads}
     tensors = {}
     stored = _TensorFile(src)
+    check_rank(stored.shapes, config["r"], where)
     for name, t in stored.load(list(stored.shapes)).items():
         if m := _OUR_LORA.fullmatch(name):
             hf = canonical_to_hf_name(m.group(1) + ".weight").removesuffix(".weight")
@@ -366,8 +447,8 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
     hf_names = {v: k for k, v in TARGET_ALIASES.items()}
     saved = {"tok_embeddings": "embed_tokens", "output": "lm_head"}
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": _positive(config, "r", where),
-        "lora_alpha": _positive(config, "alpha", where), "lora_dropout": config.get("dropout", 0.0),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config["r"],
+        "lora_alpha": config["alpha"], "lora_dropout": config.get("dropout", 0.0),
         "target_modules": [hf_names.get(t, t) for t in config.get("targets") or ()],
         "modules_to_save": [saved.get(m, m) for m in config.get("modules_to_save") or ()] or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True,

@@ -9,12 +9,15 @@ turns any checkpoint into a `Transformer`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from tokenizer.spm_io import load_sp
 
 from .llama import ModelArgs, Transformer, build_model
 from .tensor_io import FormatError, TensorSpec
@@ -52,33 +55,130 @@ class Checkpoint:
         return self.specs["tok_embeddings.weight"].dtype
 
 
+def iter_expected_shapes(args: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Canonical tensor names and shapes for `args`, in canonical (module) order, lazily.
+
+    Computed from the arguments alone, not from a model built on the meta device, so a
+    params.json claiming a billion layers costs nothing until a tensor is found missing.
+    """
+    d, hd, h = args.dim, args.head_dim, args.hidden_dim
+    layer = (("attention.wq", (args.n_heads * hd, d)), ("attention.wk", (args.kv_heads * hd, d)),
+             ("attention.wv", (args.kv_heads * hd, d)), ("attention.wo", (d, args.n_heads * hd)),
+             ("feed_forward.w1", (h, d)), ("feed_forward.w2", (d, h)), ("feed_forward.w3", (h, d)),
+             ("attention_norm", (d,)), ("ffn_norm", (d,)))
+    yield "tok_embeddings.weight", (args.vocab_size, d)
+    for i in range(args.n_layers):
+        for name, shape in layer:
+            yield f"layers.{i}.{name}.weight", shape
+    yield "norm.weight", (d,)
+    yield "output.weight", (args.vocab_size, d)
+
+
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Canonical tensor names and shapes for `args`, in canonical (module) order."""
-    model = build_model(args, init=False)  # meta device: costs no memory
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return dict(iter_expected_shapes(args))
 
 
-def check_specs(specs: dict[str, TensorSpec], args: ModelArgs, where: str | Path) -> dict[str, TensorSpec]:
+def check_specs(specs: dict[str, TensorSpec], args: ModelArgs, where: str | Path,
+                declared: str = "n_layers") -> dict[str, TensorSpec]:
     """Check names and shapes against `args`; return the specs in canonical order.
+
+    Walks the expected tensors lazily and stops at the first that is missing or misshapen,
+    so the cost is bounded by the tensors the file really holds, whatever `args` claim.
+
+    Args:
+        declared: where the layer count comes from, for the message (e.g.
+            "config.json num_hidden_layers").
 
     Raises:
         FormatError: naming the first missing, unexpected or misshapen tensor.
     """
-    expected = expected_shapes(args)
-    missing = [n for n in expected if n not in specs]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FormatError(f"{where}: tensor {missing[0]} is missing{more}")
-    unexpected = [n for n in specs if n not in expected]
-    if unexpected:
-        raise FormatError(f"{where}: unexpected tensor {unexpected[0]} for this model")
-    for name, shape in expected.items():
+    ordered: dict[str, TensorSpec] = {}
+    for name, shape in iter_expected_shapes(args):
+        if name not in specs:
+            more = _missing_count(args, len(ordered) + 1, declared)
+            raise FormatError(f"{where}: tensor {name} is missing{more}")
         if specs[name].shape != shape:
             raise FormatError(
                 f"{where}: tensor {name} has shape {list(specs[name].shape)} but the model's "
                 f"parameters say {list(shape)}"
             )
-    return {name: specs[name] for name in expected}
+        ordered[name] = specs[name]
+    unexpected = [n for n in specs if n not in ordered]
+    if unexpected:
+        raise FormatError(f"{where}: unexpected tensor {unexpected[0]} for this model")
+    return ordered
+
+
+def _missing_count(args: ModelArgs, reached: int, declared: str) -> str:
+    # counted, not listed: the arguments may claim any number of layers
+    total = 3 + 9 * args.n_layers
+    return f" ({declared} {args.n_layers} implies {total:,} tensors)" if total > reached else ""
+
+
+# Rows past the tokenizer's pieces count as padding when they only round the vocabulary up
+# to a multiple of some m no larger than this (what --pad_vocab_to_multiple_of, Meta's
+# shard split and GPU-friendly padding produce); more is another tokenizer.
+_MAX_PAD_MULTIPLE = 1024
+
+
+def is_padding(pieces: int, rows: int) -> bool:
+    """Whether `rows` is `pieces` rounded up to a multiple of some m ≤ 1024."""
+    extra = rows - pieces
+    return 0 < extra < _MAX_PAD_MULTIPLE and any(
+        rows % m == 0 for m in range(extra + 1, _MAX_PAD_MULTIPLE + 1))
+
+
+def check_tokenizer_rows(ckpt: Checkpoint, tokenizer: Path | None = None) -> str | None:
+    """Hold the tokenizer's size against the embedding rows.
+
+    A tokenizer larger than the embedding is refused (its last ids have no row); a smaller
+    one only when the extra rows are padding (`is_padding`), and then a one-line
+    note is returned for the caller to print.
+
+    Args:
+        ckpt: the model.
+        tokenizer: the tokenizer to check (default: the checkpoint's; none: nothing to check).
+
+    Raises:
+        FormatError: naming both sizes and both files.
+    """
+    tok = tokenizer if tokenizer is not None else ckpt.tokenizer
+    if tok is None:
+        return None
+    pieces, rows = load_sp(tok).vocab_size(), ckpt.args.vocab_size
+    model = ckpt.path if ckpt.path is not None else "the model"
+    if pieces > rows:
+        raise FormatError(f"{tok}: the tokenizer has {pieces} pieces, but {model} has only {rows} "
+                          f"embedding rows: ids {rows}..{pieces - 1} would have no row (resize the "
+                          "model with python -m model.resize, or give the model's own tokenizer)")
+    extra = rows - pieces
+    if extra and not is_padding(pieces, rows):
+        raise FormatError(f"{tok}: the tokenizer has {pieces} pieces, but {model} has {rows} "
+                          f"embedding rows: {extra} more than padding would add (is it the "
+                          "model's tokenizer?)")
+    if extra:
+        return (f"note: {model} has {rows} embedding rows for the {pieces} pieces of {tok}: "
+                f"the last {extra} are padding and never produced")
+    return None
+
+
+BASE_FINGERPRINT_TENSORS = ("norm.weight", "layers.0.attention.wq.weight")
+
+
+def tensor_fingerprint(ckpt: Checkpoint) -> str:
+    """sha256 over a few of a checkpoint's tensors: what identifies the base an adapter
+    was trained on, read lazily (two small tensors, not the model).
+
+    Hashed as float32 values in the canonical (Meta) layout, with names and shapes, so
+    the same weights give the same hash whatever format or storage dtype holds them.
+    """
+    digest = hashlib.sha256()
+    for name in BASE_FINGERPRINT_TENSORS:
+        t = ckpt.get(name).detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{list(t.shape)}:".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def with_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> Checkpoint:

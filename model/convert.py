@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import Inputs, check_output_against_inputs
 
-from .checkpoint import Checkpoint, pad_vocab, with_dtype
+from .checkpoint import Checkpoint, check_tokenizer_rows, pad_vocab, with_dtype
 from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
 from .formats.gguf import write_gguf
 from .tensor_io import parse_dtype, return_freed_memory_promptly
@@ -72,6 +72,8 @@ def convert(
         raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
     ckpt = read_checkpoint(src, tokenizer=tokenizer, verify_checksum=verify_checksum,
                            progress=progress)
+    if note := check_tokenizer_rows(ckpt):
+        print(note, file=sys.stderr)
     return write(ckpt, dst, to, dtype=dtype, shards=shards,
                  pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
                  max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,

@@ -27,7 +27,7 @@ from tokenizer.cli import (ArgumentParser, command_errors, non_negative_float, p
 from tokenizer.spm_io import load_sp
 from tokenizer.templates import TEMPLATES, format_prompt
 
-from .checkpoint import load_model
+from .checkpoint import check_tokenizer_rows, load_model
 from .formats import read_checkpoint
 from .llama import KVCache, Transformer
 from .tensor_io import FormatError, parse_dtype
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = read_checkpoint(a.model, tokenizer=a.tokenizer, progress=False)
         if ckpt.tokenizer is None:
             raise FormatError(f"{a.model}: no tokenizer.model found; pass --tokenizer")
+        if note := check_tokenizer_rows(ckpt):
+            print(note, file=sys.stderr)
         sp = load_sp(ckpt.tokenizer)
         device = pick_device(a.device)
         dtype = parse_dtype(a.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -24,9 +24,26 @@ from torch import nn
 from kernels.cross_entropy import (
     linear_cross_entropy, linear_cross_entropy_reference, linear_cross_entropy_stats,
 )
+from tokenizer.schema import Field, check_fields
 
 # Keys of Meta's params.json that describe how Meta's own code ran the model, not the model.
 _RUNTIME_KEYS = frozenset({"max_batch_size"})
+
+# What each key of params.json may hold, checked before anything is built from it.
+PARAMS_FIELDS = MappingProxyType({
+    "dim": Field("integer", min=1),
+    "n_layers": Field("integer", min=1),
+    "n_heads": Field("integer", min=1),
+    "n_kv_heads": Field("integer", min=1, required=False, nullable=True),
+    # Meta's LLaMA-1/2 files say -1: the real size is the embedding's row count
+    "vocab_size": Field("integer", min=1, also=(-1,), required=False, nullable=True),
+    "multiple_of": Field("integer", min=1, required=False),
+    "ffn_dim_multiplier": Field("number", above=0, required=False, nullable=True),
+    "norm_eps": Field("number", above=0, max=1, required=False),
+    "rope_theta": Field("number", above=0, required=False),
+    "max_seq_len": Field("integer", min=1, required=False),
+    "max_batch_size": Field("integer", required=False),
+})
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,8 @@ class ModelArgs:
     max_seq_len: int = 2048
 
     def __post_init__(self) -> None:
+        # types and ranges first (a string or a bool would fail the arithmetic below obscurely)
+        check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, PARAMS_FIELDS)
         problems = []
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.vocab_size <= 0:
             problems.append("dim, n_layers, n_heads and vocab_size must be positive")
@@ -79,11 +98,15 @@ class ModelArgs:
     def from_params(cls, params: dict[str, Any], vocab_size: int | None = None) -> ModelArgs:
         """Build from a params.json dictionary, refusing keys this model does not know.
 
+        Every key is checked for its type and range first (`PARAMS_FIELDS`); a ValueError
+        names the first key that does not fit.
+
         Args:
             params: the parsed params.json.
             vocab_size: used when params.json says -1 (Meta's LLaMA-1 files do; the real
                 size is the embedding's row count).
         """
+        check_fields(params, PARAMS_FIELDS)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known - _RUNTIME_KEYS)
         if unknown:

@@ -17,16 +17,21 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+import safetensors
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tokenizer.files import atomic_output_dir
+from tokenizer.files import atomic_output_dir, sha256_file
+from tokenizer.schema import Field, check_fields
 
+from .checkpoint import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
+from .llama import PARAMS_FIELDS
 from .tensor_io import FormatError, read_json
 
 # Users' configs come from PEFT, which names modules after Hugging Face's Llama.
@@ -36,6 +41,24 @@ MODULE_ALIASES = {"embed_tokens": "tok_embeddings", "lm_head": "output"}
 ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "zhllama-lora"
+
+# What each key of our adapter_config.json may hold, checked before a tensor is read.
+ADAPTER_FIELDS = MappingProxyType({
+    "format": Field("string", choices=(FORMAT,)),
+    "format_version": Field("integer", choices=(1,)),
+    "r": Field("integer", min=1),
+    "alpha": Field("number", above=0),
+    "dropout": Field("number", min=0, max=1, required=False),
+    "targets": Field("list", items=Field("string")),
+    "modules_to_save": Field("list", items=Field("string"), required=False),
+    "base_vocab_size": Field("integer", min=1, required=False, nullable=True),
+    "vocab_size": Field("integer", min=1, required=False, nullable=True),
+    "tokenizer_sha256": Field("string", required=False, nullable=True),
+    "base_params": Field("object", required=False, nullable=True, fields=PARAMS_FIELDS),
+    "base_tensors_sha256": Field("string", required=False, nullable=True),
+    "base_tensors_hashed": Field("list", items=Field("string"), required=False, nullable=True),
+})
 
 
 @dataclass(frozen=True)
@@ -175,12 +198,18 @@ def save_adapter(
     state: dict[str, torch.Tensor], config: LoRAConfig, out_dir: str | Path, *,
     base_vocab_size: int, vocab_size: int, tokenizer_sha256: str | None = None,
     tokenizer: Path | None = None, base_params: dict[str, Any] | None = None,
-    overwrite: bool = False,
+    base: Checkpoint | None = None, overwrite: bool = False,
 ) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` (atomically).
 
     Refuses an empty state: an adapter file without tensors (PEFT's "443-byte adapter")
     is the classic silent failure of LoRA training.
+
+    Args:
+        base: the checkpoint the adapter was trained on. When given, a hash of a few of
+            its tensors is recorded (`model.checkpoint.tensor_fingerprint`), and its
+            parameters and tokenizer hash where not given, so that merging refuses another
+            base. Reads two small tensors; nothing when None.
     """
     if not any(n.endswith(("lora_a", "lora_b")) for n in state):
         raise ValueError("refusing to save an adapter with no LoRA tensors")
@@ -191,11 +220,20 @@ def save_adapter(
     if missing or unpaired:
         raise ValueError(f"refusing to save an incomplete adapter: modules to save without "
                          f"tensors {missing}, LoRA layers without both A and B {unpaired}")
-    meta = {"format": "zhllama-lora", "format_version": 1, **asdict(config),
+    fingerprint = None
+    if base is not None:
+        fingerprint = tensor_fingerprint(base)
+        base_params = base_params if base_params is not None else base.args.to_params()
+        if tokenizer_sha256 is None and base.tokenizer is not None:
+            tokenizer_sha256 = sha256_file(base.tokenizer)
+    meta = {"format": FORMAT, "format_version": 1, **asdict(config),
             "base_vocab_size": base_vocab_size, "vocab_size": vocab_size,
             "tokenizer_sha256": tokenizer_sha256,
             # head counts let the adapter be exported for Hugging Face (q/k permutation)
-            "base_params": base_params}
+            "base_params": base_params,
+            # what merging compares to tell the base it was trained on from another
+            "base_tensors_sha256": fingerprint,
+            "base_tensors_hashed": list(BASE_FINGERPRINT_TENSORS) if fingerprint else None}
     with atomic_output_dir(out_dir, overwrite, inputs=(tokenizer,)) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -205,19 +243,54 @@ def save_adapter(
     return Path(out_dir)
 
 
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """adapter_config.json of one of our adapters, every key checked (`ADAPTER_FIELDS`)."""
+    where = Path(path) / ADAPTER_CONFIG
+    meta = read_json(where)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FormatError(f"{where}: not a zhllama adapter")
+    return check_fields(meta, ADAPTER_FIELDS, where, FormatError)
+
+
 def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[str, torch.Tensor]]:
     """(config, the whole adapter_config.json, tensors) of one of our adapters."""
     path = Path(path)
-    meta = read_json(path / ADAPTER_CONFIG)
-    if meta.get("format") != "zhllama-lora":
-        raise FormatError(f"{path / ADAPTER_CONFIG}: not a zhllama adapter")
-    config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
-                        targets=tuple(meta["targets"]), modules_to_save=tuple(meta["modules_to_save"]))
-    with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = read_adapter_config(path)
+    try:
+        config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta.get("dropout", 0.0),
+                            targets=tuple(meta["targets"]),
+                            modules_to_save=tuple(meta.get("modules_to_save", ())))
+    except ValueError as e:  # an unknown target name
+        raise FormatError(f"{path / ADAPTER_CONFIG}: {e}") from None
+    try:
+        with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as f:
+            check_rank({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, config.r,
+                       path / ADAPTER_CONFIG)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, safetensors.SafetensorError) as e:
+        raise FormatError(f"{path / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
     if not tensors:
         raise FormatError(f"{path / ADAPTER_WEIGHTS}: the adapter holds no tensors")
     return config, meta, tensors
+
+
+def check_rank(shapes: dict[str, tuple[int, ...]], r: int, where: str | Path) -> None:
+    """Refuse LoRA factors whose shapes disagree with the rank the config states.
+
+    Our factors are `*.lora_a` (r, in) and `*.lora_b` (out, r); checked on the shapes of
+    the file's header, before any tensor is read.
+
+    Raises:
+        FormatError: naming the config file, r and the first tensor that disagrees.
+    """
+    for name, shape in shapes.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in ("lora_a", "lora_b"):
+            continue
+        if len(shape) != 2 or shape[0 if kind == "lora_a" else 1] != r:
+            want = f"[{r}, in]" if kind == "lora_a" else f"[out, {r}]"
+            raise FormatError(f"{where}: r: {r}, but tensor {name} has shape {list(shape)} "
+                              f"(expected {want})")
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:

@@ -2,7 +2,7 @@
 
     python -m model.merge_lora --base_model MODEL --lora_model A[,B,..] \\
         --output_type zhllama|huggingface|pth|gguf --output_dir DIR [--dtype D] [--shards N] \\
-        [--tokenizer PATH]
+        [--tokenizer PATH] [--force_base]
 
 The adapters are applied in the order given, as Chinese-LLaMA-Alpaca's merge script does
 (e.g. `--lora_model chinese-llama-plus-lora,chinese-alpaca-plus-lora`). Before each, the
@@ -11,7 +11,9 @@ them (`modules_to_save`) carries them whole and they replace the base's. Each we
 becomes W + (α/r)·B·A, computed in float32, as the output is written — tensor by tensor,
 so a 7B merge needs little more memory than the adapters themselves. The tokenizer goes
 with the result; an adapter directory's tokenizer.model wins over the base's, and
---tokenizer over both. On any error nothing is left at --output_dir.
+--tokenizer over both. An adapter of ours records the base it was trained on (parameters,
+tokenizer hash, a hash of a few tensors) and is refused over another base unless
+--force_base. On any error nothing is left at --output_dir.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ OUTPUT_TYPES = {"zhllama": "zhllama", "huggingface": "hf", "hf": "hf", "pth": "m
 
 
 def merge(base_model: str | Path, lora_models: list[str | Path], *,
-          tokenizer: str | Path | None = None, progress: bool = True) -> Checkpoint:
+          tokenizer: str | Path | None = None, force_base: bool = False,
+          progress: bool = True) -> Checkpoint:
     """The base checkpoint with every adapter folded in, in order (lazily).
 
     Args:
         tokenizer: a sentencepiece model to ship with the result instead of the base's or
             an adapter's (a file, or a directory holding tokenizer.model).
+        force_base: merge adapters even into a base other than the one they recorded
+            (their parameters, tokenizer or weights differ); each is warned about.
     """
     if not lora_models:
         raise ValueError("no adapter to merge: give --lora_model one or more directories")
@@ -48,7 +53,7 @@ def merge(base_model: str | Path, lora_models: list[str | Path], *,
     chosen = ckpt.tokenizer if tokenizer is not None else None
     for path in lora_models:
         adapter = read_adapter_weights(path, ckpt.args.n_heads, ckpt.args.kv_heads)
-        ckpt = merge_adapter(ckpt, adapter)
+        ckpt = merge_adapter(ckpt, adapter, force_base=force_base)
     if chosen is not None:
         pieces = load_sp(chosen).vocab_size()
         if pieces > ckpt.args.vocab_size:
@@ -103,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero rows so the vocabulary divides by M (pth shards must be equal)")
     p.add_argument("--max_shard_size", type=size_option, default="5GiB",
                    help="largest safetensors file (default 5GiB)")
+    p.add_argument("--force_base", action="store_true",
+                   help="merge even if an adapter recorded another base (other parameters, "
+                        "tokenizer or weights); sizes must still fit")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no_progress", action="store_true")
     return p
@@ -118,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         check_output_against_inputs(dst, inputs)  # --overwrite cannot help with this one
         if dst.exists() and not a.overwrite:  # fail before the (long) merge, not after
             raise FileExistsError(f"{dst} already exists (use --overwrite to replace it)")
-        ckpt = merge(a.base_model, adapters, tokenizer=a.tokenizer, progress=not a.no_progress)
+        ckpt = merge(a.base_model, adapters, tokenizer=a.tokenizer, force_base=a.force_base,
+                     progress=not a.no_progress)
         write_output(ckpt, a.output_dir, a.output_type, overwrite=a.overwrite, dtype=a.dtype,
                      shards=a.shards, pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
                      max_shard_bytes=a.max_shard_size, progress=not a.no_progress, inputs=inputs)

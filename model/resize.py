@@ -10,12 +10,15 @@ Old rows are kept bit for bit; new rows are initialised by `init`:
             understood its text to be (embedding and output rows alike); pieces with no
             text (control, user-defined such as a pad token) get the mean;
   normal    N(0, std of the old rows).
-The new tokenizer must extend the old one: its first pieces identical, in order.
+The new tokenizer must extend the old one: its first pieces identical, in order. Padding
+rows past the old tokenizer's pieces (e.g. from --pad_vocab_to_multiple_of) are dropped
+first, since the new pieces take their ids.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import sentencepiece as spm
@@ -27,7 +30,7 @@ from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import check_output_against_inputs
 from tokenizer.spm_io import load_sp, resolve_model_file
 
-from .checkpoint import Checkpoint, pad_vocab
+from .checkpoint import Checkpoint, check_tokenizer_rows, pad_vocab
 from .formats import read_checkpoint, write_model_dir
 from .llama import Transformer
 from .tensor_io import FormatError, TensorSpec, return_freed_memory_promptly
@@ -136,12 +139,13 @@ def resize_checkpoint(
         raise FormatError(f"{ckpt.path}: the model has no tokenizer.model; the old tokenizer is "
                           "needed to check the new one extends it")
     new_file = resolve_model_file(new_tokenizer)
+    # refuses a tokenizer larger than the rows, or smaller by more than padding
+    padded = check_tokenizer_rows(ckpt)
     old_sp, new_sp = load_sp(ckpt.tokenizer), load_sp(new_file)
-    if old_sp.vocab_size() != ckpt.args.vocab_size:
-        raise FormatError(f"{ckpt.path}: the model has {ckpt.args.vocab_size} embedding rows but "
-                          f"its tokenizer {old_sp.vocab_size()} pieces; resize needs them equal")
     check_extends(old_sp, new_sp)
-    old_vocab, new_vocab = ckpt.args.vocab_size, new_sp.vocab_size()
+    old_vocab, new_vocab = old_sp.vocab_size(), new_sp.vocab_size()
+    if padded:  # the new pieces take the ids the padding rows had: those rows go first
+        print(f"{padded}; they are dropped before growing to {new_vocab}", file=sys.stderr)
     subtokens = subtoken_ids(ckpt.tokenizer, new_sp, old_vocab) if init == "subtoken" else None
     specs = dict(ckpt.specs)
     for name in _RESIZED:
@@ -152,6 +156,7 @@ def resize_checkpoint(
         t = get(name)
         if name not in _RESIZED:
             return t
+        t = t[:old_vocab]
         generator = torch.Generator().manual_seed(seed + _RESIZED.index(name))
         return torch.cat([t, new_rows(t, new_vocab - old_vocab, init, subtokens, generator)])
 

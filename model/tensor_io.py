@@ -61,8 +61,30 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FormatError(f"{path.parent}: {path.name} is missing") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # bad JSON, not UTF-8, an integer of thousands of digits
         raise FormatError(f"{path}: invalid JSON ({e})") from None
+
+
+def read_weight_index(index: Path) -> dict[str, str]:
+    """The `weight_map` of a weight index (Hugging Face's `*.index.json`): tensor → file.
+
+    The file names come from an untrusted file: each must be a plain relative path inside
+    the index's directory (no `..`, nothing absolute), or the index is refused by name.
+    Checked on the names as written, not resolved, so the symlinked files of a Hugging
+    Face cache (snapshots/… → ../../blobs/…) are still read.
+    """
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{index}: not a weight index (no weight_map object)")
+    for tensor, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname:
+            raise FormatError(f"{index}: weight_map.{tensor}: expected a file name, got {fname!r}")
+        parts = Path(fname).parts
+        if Path(fname).is_absolute() or "\\" in fname or ".." in parts:
+            raise FormatError(f"{index}: weight_map.{tensor}: {fname!r} lies outside the model "
+                              "directory; only files beside the index are read")
+    return dict(weight_map)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

@@ -247,8 +247,8 @@ def _bad(name, adapter, tmp_path):
 @pytest.mark.parametrize("name, output_type, message", [
     ("no adapter", "huggingface", "no adapter to merge"),
     ("missing adapter_config", "gguf", "adapter_config.json is missing"),
-    ("missing r", "gguf", "adapter_config.json: 'r' is missing"),
-    ("missing lora_alpha", "huggingface", "adapter_config.json: 'lora_alpha' is missing"),
+    ("missing r", "gguf", "adapter_config.json: r: missing"),
+    ("missing lora_alpha", "huggingface", "adapter_config.json: lora_alpha: missing"),
     ("unknown key", "gguf", "unsupported adapter tensor base_model.model.model.layers.0.mlp"),
     ("embeddings of another width", "huggingface", "the base's rows have 64 values"),
     ("two trained copies differ", "pth", "cannot tell which one was trained"),

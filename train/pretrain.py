@@ -12,17 +12,18 @@ writes output_dir/model (embeddings, full) or output_dir/adapter (lora).
 from __future__ import annotations
 
 from data.datasets import PackedBlocks
-from data.shards import check_tokenizer
+from train.data_checks import check_data_for_model, check_length
 from train.trainer import script_main
 
 
 def packed_blocks(cfg, dist, built):
-    """Training blocks (and validation blocks held out by documents) for this rank."""
+    """Training blocks (and validation blocks held out by documents) for this rank, once the
+    data is known to fit the model (kind, tokenizer, ids, block size)."""
+    check_length("data.block_size", cfg.data.block_size, built.base)
+    check_data_for_model(cfg.data.path, built.base, "pretrain", note=dist.is_main)
     kw = dict(block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
               rank=dist.rank, world_size=dist.world_size)
     train = PackedBlocks(cfg.data.path, split="train", **kw)
-    if built.base.tokenizer is not None:
-        check_tokenizer(train.stream.meta, built.base.tokenizer, cfg.data.path)
     val = PackedBlocks(cfg.data.path, split="val", **kw) if cfg.data.val_fraction else None
     return train, val, cfg.data.block_size
 

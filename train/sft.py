@@ -11,21 +11,23 @@ pad token the data uses. Writes output_dir/adapter (lora) or output_dir/model (f
 from __future__ import annotations
 
 from data.datasets import SFTDataset
-from data.shards import DataError, check_tokenizer
+from train.data_checks import check_data_for_model, check_length
 from train.trainer import script_main
 
 
 def sft_samples(cfg, dist, built):
     """This rank's shuffled instruction samples (packed several per row with data.pack),
     and the held-out samples when data.val_fraction is set."""
+    check_data_for_model(cfg.data.path, built.base, "sft", note=dist.is_main)
+    if cfg.data.max_seq_length is not None:
+        check_length("data.max_seq_length", cfg.data.max_seq_length, built.base)
     kw = dict(seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, pack=cfg.data.pack,
               max_seq_length=cfg.data.max_seq_length, val_fraction=cfg.data.val_fraction)
     data = SFTDataset(cfg.data.path, split="train", **kw)
-    if built.base.tokenizer is not None:
-        check_tokenizer(data.stream.meta, built.base.tokenizer, cfg.data.path)
-    if data.stream.meta["vocab_size"] > built.base.args.vocab_size:
-        raise DataError(f"{cfg.data.path}: vocabulary {data.stream.meta['vocab_size']} is larger "
-                        f"than the model's {built.base.args.vocab_size}; resize the model first")
+    if cfg.data.max_seq_length is None:  # rows reach the data's own limit (packed) or its longest sample
+        longest = data.max_seq_length if cfg.data.pack else int(data.lengths.max())
+        check_length(f"data.max_seq_length (unset: {cfg.data.path} has rows of {longest} tokens)",
+                     longest, built.base)
     val = SFTDataset(cfg.data.path, split="val", **kw) if cfg.data.val_fraction else None
     return data, val, data.max_seq_length
 

@@ -17,12 +17,13 @@ import torch
 
 from tokenizer.files import Inputs, atomic_output_dir
 from tokenizer.hf_files import special_tokens, write_hf_tokenizer_files
+from tokenizer.schema import Field, check_fields
 
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs, ffn_params_for
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, open_safetensors, read_json, safe_torch_load,
-    write_sharded_safetensors,
+    FormatError, Reopening, TensorSpec, open_safetensors, read_json, read_weight_index,
+    safe_torch_load, write_sharded_safetensors,
 )
 from .progress import tensor_progress
 
@@ -88,16 +89,46 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+# What each key of config.json that we read may hold (the others are transformers' own).
+_ROPE_FIELDS = {"rope_type": Field("string", required=False),
+                "type": Field("string", required=False),
+                "rope_theta": Field("number", above=0, required=False)}
+CONFIG_FIELDS = {
+    "hidden_size": Field("integer", min=1),
+    "num_hidden_layers": Field("integer", min=1),
+    "num_attention_heads": Field("integer", min=1),
+    "num_key_value_heads": Field("integer", min=1, required=False, nullable=True),
+    "intermediate_size": Field("integer", min=1),
+    "vocab_size": Field("integer", min=1),
+    "head_dim": Field("integer", min=1, required=False, nullable=True),
+    "rms_norm_eps": Field("number", above=0, max=1, required=False),
+    "rope_theta": Field("number", above=0, required=False),
+    "max_position_embeddings": Field("integer", min=1, required=False),
+    "hidden_act": Field("string", required=False),
+    "attention_bias": Field("boolean", required=False),
+    "mlp_bias": Field("boolean", required=False),
+    "tie_word_embeddings": Field("boolean", required=False),
+    "rope_scaling": Field("object", required=False, nullable=True, fields=_ROPE_FIELDS),
+    "rope_parameters": Field("object", required=False, nullable=True, fields=_ROPE_FIELDS),
+}
+
+
 def _rope_theta(config: dict[str, Any]) -> float:
     # transformers 5 writes rope_parameters; earlier versions a top-level rope_theta.
     params = config.get("rope_parameters") or {}
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def args_from_config(config: dict[str, Any], where: Path) -> ModelArgs:
-    """ModelArgs from a LlamaConfig dictionary, refusing variants this model does not run."""
+def args_from_config(config: Any, where: Path) -> ModelArgs:
+    """ModelArgs from a LlamaConfig dictionary, refusing variants this model does not run.
+
+    Every key read is checked for its type and range first (`CONFIG_FIELDS`).
+    """
+    if not isinstance(config, dict):
+        raise FormatError(f"{where}: expected a JSON object")
     if config.get("model_type") != "llama":
         raise FormatError(f"{where}: model_type is {config.get('model_type')!r}, not 'llama'")
+    check_fields(config, CONFIG_FIELDS, where, FormatError)
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise FormatError(f"{where}: rope scaling {rope} is not supported (LLaMA-1/2 rotary only)")
@@ -106,11 +137,12 @@ def args_from_config(config: dict[str, Any], where: Path) -> ModelArgs:
             raise FormatError(f"{where}: {key}=true is not a LLaMA-1/2 layout")
     if config.get("hidden_act", "silu") != "silu":
         raise FormatError(f"{where}: hidden_act {config['hidden_act']!r} is not silu")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise FormatError(f"{where}: head_dim {config['head_dim']} != hidden_size / "
+                          f"num_attention_heads ({dim} / {n_heads})")
+    multiple_of, multiplier = ffn_params_for(dim, config["intermediate_size"])
     try:
-        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-        if config.get("head_dim") not in (None, dim // n_heads):
-            raise FormatError(f"{where}: head_dim {config['head_dim']} != hidden_size / heads")
-        multiple_of, multiplier = ffn_params_for(dim, config["intermediate_size"])
         return ModelArgs(
             dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads") or n_heads,
@@ -119,10 +151,9 @@ def args_from_config(config: dict[str, Any], where: Path) -> ModelArgs:
             rope_theta=_rope_theta(config),
             max_seq_len=config.get("max_position_embeddings", 2048),
         )
-    except KeyError as e:
-        raise FormatError(f"{where}: missing key {e.args[0]!r}") from None
-    except ValueError as e:
-        raise FormatError(f"{where}: {e}") from None
+    except ValueError as e:  # e.g. hidden_size not divisible by num_attention_heads
+        raise FormatError(f"{where}: {e} (from hidden_size, num_attention_heads, "
+                          "num_key_value_heads)") from None
 
 
 def _weight_map(path: Path) -> dict[str, str]:
@@ -132,10 +163,7 @@ def _weight_map(path: Path) -> dict[str, str]:
         if not f.exists():
             continue
         if fname.endswith(".index.json"):
-            try:
-                return dict(json.loads(f.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise FormatError(f"{f}: not a weight index ({e})") from None
+            return read_weight_index(f)
         if fname.endswith(".safetensors"):
             with open_safetensors(f) as st:
                 return {k: fname for k in st.keys()}
@@ -201,7 +229,8 @@ def read_hf(path: str | Path) -> Checkpoint:
         names[ours] = hf_name
     if "output.weight" not in names and config.get("tie_word_embeddings"):
         names["output.weight"] = names.get("tok_embeddings.weight", "model.embed_tokens.weight")
-    specs = check_specs({n: files.spec(h) for n, h in names.items()}, args, path)
+    specs = check_specs({n: files.spec(h) for n, h in names.items()}, args, path,
+                        declared="config.json num_hidden_layers")
     heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}
 
     def get(name: str) -> torch.Tensor:

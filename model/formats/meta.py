@@ -21,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenizer.files import Inputs, atomic_output_dir
+from tokenizer.schema import check_fields
 
 from ..checkpoint import Checkpoint, check_specs
-from ..llama import ModelArgs
+from ..llama import PARAMS_FIELDS, ModelArgs
 from ..tensor_io import FormatError, Reopening, TensorSpec, read_json, safe_torch_load
 from .progress import tensor_progress
 
@@ -89,11 +90,10 @@ def md5_file(path: Path, on_chunk=None, chunk_bytes: int = 8 << 20) -> str:
 
 
 def read_params(path: Path) -> dict[str, Any]:
+    """params.json of a Meta or canonical directory, every key checked for type and range
+    (before any checksum, shard or tensor is read)."""
     params_file = path / "params.json"
-    params = read_json(params_file)
-    if not isinstance(params, dict):
-        raise FormatError(f"{params_file}: expected a JSON object")
-    return params
+    return check_fields(read_json(params_file), PARAMS_FIELDS, params_file, FormatError)
 
 
 def check_shard_count(path: Path, params: dict[str, Any], shards: list[dict[str, torch.Tensor]]) -> None:
@@ -137,13 +137,16 @@ def read_meta(
     path = Path(path)
     params = read_params(path)
     files = shard_files(path)
-    if verify_checksum:
-        verify_checklist(path, progress)
     opened = [Reopening(lambda f=f: safe_torch_load(f)) for f in files]
-    shards = [o.get() for o in opened]
-    for f, shard in zip(files, shards):
-        if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
-            raise FormatError(f"{f}: expected a dictionary of tensors")
+    try:
+        shards = [o.get() for o in opened]
+        for f, shard in zip(files, shards):
+            if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+                raise FormatError(f"{f}: expected a dictionary of tensors")
+    except FormatError:
+        if verify_checksum:  # a corrupt download explains an unreadable shard best
+            verify_checklist(path, progress)
+        raise
     check_shard_count(path, params, shards)
     specs = _merged_specs(shards, path)
     if "tok_embeddings.weight" not in specs:
@@ -152,8 +155,10 @@ def read_meta(
         args = ModelArgs.from_params(params, vocab_size=specs["tok_embeddings.weight"].shape[0])
     except (ValueError, TypeError) as e:
         raise FormatError(f"{path / 'params.json'}: {e}") from None
-    specs = check_specs(specs, args, path)
+    specs = check_specs(specs, args, path, declared="params.json n_layers")
     del shards
+    if verify_checksum:  # after the headers: parameters that cannot fit cost no md5 pass
+        verify_checklist(path, progress)
 
     def get(name: str) -> torch.Tensor:
         dim = split_dim(name)
@@ -227,6 +232,27 @@ def _write_shards(ckpt: Checkpoint, out: Path, n_shards: int, tick) -> None:
             tick(name)
 
 
+def meta_params(args: ModelArgs) -> dict[str, Any]:
+    """params.json as Meta writes it: only the keys Meta's own files carry, so that Meta's
+    `ModelArgs(max_seq_len=..., max_batch_size=..., **params)` accepts it.
+
+    n_kv_heads only under GQA and ffn_dim_multiplier only when set (Llama 2 70B's files);
+    rope_theta only when it is not 10,000 (Code Llama's files; Llama 2's ModelArgs has no
+    such field); never max_seq_len, which Meta's code takes as an argument. The vocabulary
+    size is the real one, not Meta's -1 (the tokenizer decides it there).
+    """
+    params: dict[str, Any] = {"dim": args.dim, "multiple_of": args.multiple_of}
+    if args.ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    params["n_heads"] = args.n_heads
+    if args.n_kv_heads is not None and args.n_kv_heads != args.n_heads:
+        params["n_kv_heads"] = args.n_kv_heads
+    params.update(n_layers=args.n_layers, norm_eps=args.norm_eps, vocab_size=args.vocab_size)
+    if args.rope_theta != 10000.0:
+        params["rope_theta"] = args.rope_theta
+    return params
+
+
 def write_meta(
     ckpt: Checkpoint,
     dst: str | Path,
@@ -244,7 +270,7 @@ def write_meta(
     with atomic_output_dir(dst, overwrite, inputs=(ckpt.path, ckpt.tokenizer, *inputs)) as out, \
             tensor_progress(ckpt.specs, "meta", progress) as tick:
         _write_shards(ckpt, out, n_shards, tick)
-        (out / "params.json").write_text(json.dumps(ckpt.args.to_params(), indent=2) + "\n")
+        (out / "params.json").write_text(json.dumps(meta_params(ckpt.args), indent=2) + "\n")
         if ckpt.tokenizer is not None:
             shutil.copyfile(ckpt.tokenizer, out / "tokenizer.model")
         sums = [f"{md5_file(f)}  {f.name}" for f in sorted(out.iterdir())]

@@ -22,7 +22,8 @@ from tokenizer.files import Inputs, atomic_output_dir, sha256_file
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, open_safetensors, write_sharded_safetensors,
+    FormatError, Reopening, TensorSpec, open_safetensors, read_weight_index,
+    write_sharded_safetensors,
 )
 from .meta import read_params
 from .progress import tensor_progress
@@ -41,10 +42,7 @@ def is_model_dir(path: Path) -> bool:
 def _weight_files(path: Path) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError) as e:
-            raise FormatError(f"{index}: not a weight index ({e})") from None
+        return read_weight_index(index)
     f = path / "model.safetensors"
     if not f.exists():
         raise FormatError(f"{path}: model.safetensors is missing")
@@ -75,7 +73,7 @@ def read_model_dir(path: str | Path) -> Checkpoint:
         if dtype not in _ST_DTYPES:
             raise FormatError(f"{path / fname}: tensor {name} has unsupported dtype {dtype}")
         specs[name] = TensorSpec(tuple(sl.get_shape()), _ST_DTYPES[dtype])
-    specs = check_specs(specs, args, path)
+    specs = check_specs(specs, args, path, declared="params.json n_layers")
 
     def get(name: str) -> torch.Tensor:
         opener = files[weight_map[name]]
