@@ -19,11 +19,22 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+def require_shared(*paths: Path) -> None:
+    """Skip the test when some real test material is absent, or fail with
+    ZHLLAMA_REQUIRE_SHARED_DATA=1 (so a CI that has the files cannot pass by skipping)."""
+    missing = [str(p) for p in (paths or (SHARED_DATA,)) if not p.exists()]
+    if not missing:
+        return
+    message = f"real test material not found: {', '.join(missing)}"
+    if os.environ.get("ZHLLAMA_REQUIRE_SHARED_DATA") == "1":
+        pytest.fail(message + " (ZHLLAMA_REQUIRE_SHARED_DATA=1)")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real test material; tests that use it skip cleanly when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test material not found at {SHARED_DATA}")
+    require_shared(SHARED_DATA)
     return SHARED_DATA
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -33,13 +34,12 @@ def options(**kw):
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import SHARED_DATA, require_shared
 
     tok = SHARED_DATA / "tokenizers"
-    if not tok.is_dir():
-        pytest.skip(f"real test material not found at {SHARED_DATA}")
-    out = tmp_path_factory.mktemp("merge")
     base, zh = tok / "llama_tokenizer.model", tok / "chinese_sp.model"
+    require_shared(base, zh, SHARED_DATA / "corpus")
+    out = tmp_path_factory.mktemp("merge")
     for name, kw in [("default", {}), ("pad", {"add_pad_token": True}),
                      ("english_safe", {"drop_digit_pieces": True, "drop_ascii_pieces": True}),
                      ("ranked", {"new_piece_scores": "ranked", "drop_digit_pieces": True})]:
@@ -69,6 +69,23 @@ def test_published_merge_49953_with_base_untouched(real):
     manifest = json.loads((real.out / "default" / "merge_manifest.json").read_text())
     assert manifest["report"]["appended"] == 17953 and manifest["report"]["already_present"] == 2047
     assert manifest["inputs"]["llama_tokenizer"]["sha256"].startswith("9e556afd")
+
+
+# Chinese-LLaMA-Alpaca's SHA256.md, for the 49,953-piece tokenizer.model
+PUBLISHED_MERGE_SHA256 = "e2676d4ca29ca1750f6ff203328d73b189321dc5776ceede037cbd36541d70c0"
+
+
+def test_default_merge_is_the_published_file_byte_for_byte(real):
+    data = (real.out / "default" / "tokenizer.model").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == PUBLISHED_MERGE_SHA256
+    manifest = json.loads((real.out / "default" / "merge_manifest.json").read_text())
+    assert manifest["output"]["sha256"] == PUBLISHED_MERGE_SHA256
+    # with <pad>: the same bytes, then one control piece and the trainer's pad_id
+    pad = proto(real.out / "pad" / "tokenizer.model")
+    assert pad.pieces[-1].piece == "<pad>" and pad.pieces[-1].type == pad.pieces[-1].CONTROL
+    del pad.pieces[-1]
+    pad.trainer_spec.pad_id = proto(real.base).trainer_spec.pad_id
+    assert pad.SerializeToString() == data
 
 
 def test_english_exactly_as_before_with_the_drop_options(real):
@@ -125,7 +142,7 @@ def test_transformers_loads_the_merge_and_agrees(real, use_fast):
         agree[name] = sum(hf(l)["input_ids"] == [1] + s.encode(l) for l in lines) / len(lines)
     hf = transformers.AutoTokenizer.from_pretrained(real.out / "ranked", use_fast=use_fast)
     s = sp(real.out / "ranked" / "tokenizer.model")
-    for text in ENGLISH[:2] + WITH_DIGITS + MIXED[:2] + ["文本中的 <s> 不是特殊符号"]:
+    for text in ENGLISH[:2] + WITH_DIGITS + MIXED[:2] + ["文本中的 <b> 不是特殊符号"]:
         assert hf(text)["input_ids"] == [1] + s.encode(text), text
     # score ties: the published merge's pieces all score 0, and the two libraries break
     # ties differently; ranked scores remove the ties

@@ -152,7 +152,10 @@ def merge_protos(base: sp_pb2.ModelProto, chinese: sp_pb2.ModelProto, opts: Any)
         if _keep(piece, opts, reachable, report):
             # "zero": the published merge; "ranked": below every base merge, in order
             score = 0.0 if report.new_piece_scores == "zero" else lowest - 1.0 - report.appended
-            merged.pieces.append(Piece(piece=piece, score=score, type=Piece.NORMAL))
+            # Set piece and score only, as the published script does: proto2 serialises
+            # every field set explicitly, so type=NORMAL (the default) would add 2 bytes a
+            # piece and the file would no longer be the published one, byte for byte.
+            merged.pieces.append(Piece(piece=piece, score=score))
             report.appended += 1
     report.examples = {
         "with_digits": [p for p in candidates if has_digit(p)][:10],
