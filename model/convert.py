@@ -2,6 +2,7 @@
 
     python -m model.convert SRC DST --to zhllama|hf|meta|gguf [--tokenizer PATH] [--dtype D]
         [--shards N] [--pad_vocab_to_multiple_of M] [--max_shard_size 5GB] [--overwrite]
+        [--template NAME]   # --to hf: the SFT template, as the tokenizer's chat_template
     python -m model.convert SRC OUT.gguf --to gguf [--dtype f32|f16|q8_0]   # for llama.cpp
 
 SRC is detected: a Meta directory (consolidated.NN.pth + params.json), a Hugging Face
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import Inputs, check_output_against_inputs
+from tokenizer.templates import TEMPLATES
 
 from .checkpoint import Checkpoint, check_tokenizer_rows, pad_vocab, with_dtype
 from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
@@ -62,8 +64,12 @@ def convert(
     verify_checksum: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    template: str | None = None,
 ) -> Checkpoint:
-    """Read SRC (any format), write DST in format `to`; returns the checkpoint written."""
+    """Read SRC (any format), write DST in format `to`; returns the checkpoint written.
+
+    `template`: for `hf`, the SFT template whose chat_template the tokenizer files carry.
+    """
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; choose from {', '.join(TARGETS)}")
     dst = Path(dst)
@@ -77,7 +83,7 @@ def convert(
     return write(ckpt, dst, to, dtype=dtype, shards=shards,
                  pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
                  max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,
-                 inputs=(src, tokenizer))
+                 inputs=(src, tokenizer), template=template)
 
 
 def write(
@@ -92,12 +98,17 @@ def write(
     overwrite: bool = False,
     progress: bool = True,
     inputs: Inputs = (),
+    template: str | None = None,
 ) -> Checkpoint:
     """Write an open checkpoint in format `to` (the second half of `convert`).
 
     `inputs`: paths it was made from besides its own path and tokenizer, which `dst` may
-    not overlap either.
+    not overlap either. `template`: see `convert`.
     """
+    if template is not None and to != "hf":
+        raise ValueError(f"--template: a chat template goes into Hugging Face output only, not {to}")
+    if template is not None and ckpt.tokenizer is None:
+        raise ValueError("--template: no tokenizer to write the chat template for; pass --tokenizer")
     if to == "gguf":
         if dtype is not None and dtype not in GGUF_DTYPES:
             raise ValueError(f"--dtype {dtype} is not a GGUF type; use f32, f16 or q8_0")
@@ -118,7 +129,7 @@ def write(
         raise ValueError("--shards applies to --to meta; use --max_shard_size for safetensors")
     elif to == "hf":
         write_hf(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
-                 inputs=inputs)
+                 inputs=inputs, template=template)
     else:
         write_model_dir(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                         progress=progress, inputs=inputs)
@@ -146,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest safetensors file before splitting, e.g. 2GB (default 5GiB)")
     p.add_argument("--skip_checksum", action="store_true",
                    help="do not verify Meta's checklist.chk md5 sums")
+    p.add_argument("--template", choices=tuple(TEMPLATES),
+                   help="--to hf: the SFT template the model was tuned with, written as the "
+                        "tokenizer's chat_template")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
@@ -159,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             a.src, a.dst, a.to, tokenizer=a.tokenizer, dtype=a.dtype, shards=a.shards,
             pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
             max_shard_bytes=a.max_shard_size, verify_checksum=not a.skip_checksum,
-            overwrite=a.overwrite, progress=not a.no_progress,
+            overwrite=a.overwrite, progress=not a.no_progress, template=a.template,
         )
         print(f"wrote {a.dst} ({a.to}, {ckpt.format} source, {ckpt.nbytes / 1e6:.1f} MB, "
               f"vocab {ckpt.args.vocab_size})")

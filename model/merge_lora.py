@@ -2,7 +2,7 @@
 
     python -m model.merge_lora --base_model MODEL --lora_model A[,B,..] \\
         --output_type zhllama|huggingface|pth|gguf --output_dir DIR [--dtype D] [--shards N] \\
-        [--tokenizer PATH] [--force_base]
+        [--tokenizer PATH] [--force_base] [--template NAME]
 
 The adapters are applied in the order given, as Chinese-LLaMA-Alpaca's merge script does
 (e.g. `--lora_model chinese-llama-plus-lora,chinese-alpaca-plus-lora`). Before each, the
@@ -25,6 +25,7 @@ from typing import Any
 from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import Inputs, atomic_output_dir, check_output_against_inputs
 from tokenizer.spm_io import load_sp
+from tokenizer.templates import TEMPLATES
 
 from .adapters import merge_adapter, read_adapter_weights
 from .checkpoint import Checkpoint
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero rows so the vocabulary divides by M (pth shards must be equal)")
     p.add_argument("--max_shard_size", type=size_option, default="5GiB",
                    help="largest safetensors file (default 5GiB)")
+    p.add_argument("--template", choices=tuple(TEMPLATES),
+                   help="huggingface output: the SFT template the adapters were tuned with, "
+                        "written as the tokenizer's chat_template")
     p.add_argument("--force_base", action="store_true",
                    help="merge even if an adapter recorded another base (other parameters, "
                         "tokenizer or weights); sizes must still fit")
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                      progress=not a.no_progress)
         write_output(ckpt, a.output_dir, a.output_type, overwrite=a.overwrite, dtype=a.dtype,
                      shards=a.shards, pad_vocab_to_multiple_of=a.pad_vocab_to_multiple_of,
-                     max_shard_bytes=a.max_shard_size, progress=not a.no_progress, inputs=inputs)
+                     max_shard_bytes=a.max_shard_size, progress=not a.no_progress, inputs=inputs,
+                     template=a.template)
         print(f"wrote {dst}: vocabulary {ckpt.args.vocab_size}, adapters applied in order: "
               f"{', '.join(adapters)}")
 

@@ -4,20 +4,31 @@
 Chinese-LLaMA-Alpaca), `alpaca` Stanford Alpaca's (PROMPT_DICT in its train.py: the prompt
 ends with "### Response:", no newline), `llama2_cla_v2` Chinese-Alpaca-2's (Llama-2 chat
 format with its default system prompt). The same function formats the prompt for data
-preparation and at generation time, so a model is asked exactly what it was trained on.
+preparation and at generation time, so a model is asked exactly what it was trained on;
+`chat_template` writes the same prompt as a Jinja chat template for Hugging Face exports.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from types import MappingProxyType
 
 
 @dataclass(frozen=True)
 class Template:
+    """One instruction template; the text fields are `str.format` patterns."""
+
     no_input: str  # with {instruction}
     with_input: str | None  # with {instruction} and {input}; None: input joined to instruction
     default_system: str | None = None  # for templates with {system}
+    # The end of `no_input` that opens the response: a chat template's generation prompt,
+    # and what precedes each assistant message of a conversation.
+    response_header: str = ""
+    # Only for conversations: the later user turns (None: `no_input` again, without input)
+    # and what goes between the prompt and an assistant message's text.
+    next_turn: str | None = None
+    response_sep: str = ""
 
 
 _CLA_PROMPT = (
@@ -36,10 +47,13 @@ _ALPACA_INPUT = (
 _LLAMA2_PROMPT = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{instruction} [/INST]"
 
 TEMPLATES = MappingProxyType({
-    "cla_v1": Template(_CLA_PROMPT, None),
-    "alpaca": Template(_ALPACA_NO_INPUT, _ALPACA_INPUT),
+    "cla_v1": Template(_CLA_PROMPT, None, response_header="### Response: "),
+    "alpaca": Template(_ALPACA_NO_INPUT, _ALPACA_INPUT, response_header="### Response:"),
+    # Conversations as Chinese-Alpaca-2's openai_api_server.py builds them: the system
+    # prompt in the first turn only, " " before each response, "</s><s>" between turns.
     "llama2_cla_v2": Template(_LLAMA2_PROMPT, None,
-                              "You are a helpful assistant. 你是一个乐于助人的助手。"),
+                              "You are a helpful assistant. 你是一个乐于助人的助手。",
+                              next_turn="[INST] {instruction} [/INST]", response_sep=" "),
 })
 
 
@@ -65,3 +79,65 @@ def format_prompt(template: str, instruction: str, input: str = "", system: str 
     if input:  # Chinese-Alpaca: the input follows the instruction on the next line
         instruction = f"{instruction}\n{input}"
     return t.no_input.format(instruction=instruction, system=system)
+
+
+def _lit(text: str) -> str:
+    # a Jinja string literal (Jinja reads JSON's escapes), so no template text is ever
+    # taken for Jinja syntax and no whitespace control can eat a newline of it
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _turn_parts(pattern: str, header: str) -> tuple[str, str]:
+    head, tail = pattern.split("{instruction}")
+    if not tail.endswith(header):
+        raise AssertionError(f"template {pattern!r} does not end with {header!r}")
+    return head, tail[: len(tail) - len(header)]
+
+
+def chat_template(template: str) -> str:
+    """The Jinja chat template (transformers' `apply_chat_template`) of a template in TEMPLATES.
+
+    A single user message with `add_generation_prompt=True` renders as `bos_token +
+    format_prompt(template, content)`: BOS is part of the text because transformers
+    tokenizes a rendered chat without adding special tokens, and training put BOS first.
+    A leading system message becomes the system prompt of templates that have one
+    (`format_prompt(..., system=content)`); the other templates ignore it, as
+    `format_prompt` ignores `system`. Later turns alternate assistant and user; each
+    assistant message ends with `eos_token`, as in training.
+
+    Raises:
+        ValueError: unknown template.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
+    t = TEMPLATES[template]
+    head, tail = _turn_parts(t.no_input, t.response_header)
+    if "{system}" in head:
+        before, after = head.split("{system}")
+        first = f"{_lit(before)} + system + {_lit(after)}"
+    else:
+        first = _lit(head)
+    later_head, later_tail = _turn_parts(t.next_turn or t.no_input, t.response_header)
+    if "{system}" in later_head:
+        raise AssertionError(f"{template}: later turns cannot take a system prompt")
+    return "".join((
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system = {_lit(t.default_system or '')} -%}}"
+        "{%- set turns = messages -%}{%- endif -%}",
+        "{%- for message in turns -%}",
+        "{%- if message['role'] != ('user' if loop.index0 is even else 'assistant') -%}",
+        "{{- raise_exception('after an optional system message, the roles must alternate "
+        "user/assistant/user/...') -}}",
+        "{%- elif message['role'] == 'user' and loop.first -%}",
+        f"{{{{- bos_token + {first} + message['content'] + {_lit(tail)} -}}}}",
+        "{%- elif message['role'] == 'user' -%}",
+        f"{{{{- bos_token + {_lit(later_head)} + message['content'] + {_lit(later_tail)} -}}}}",
+        "{%- else -%}",
+        f"{{{{- {_lit(t.response_header + t.response_sep)} + message['content'] + eos_token -}}}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt and turns and turns[-1]['role'] == 'user' -%}",
+        f"{{{{- {_lit(t.response_header)} -}}}}",
+        "{%- endif -%}",
+    ))

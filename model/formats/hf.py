@@ -289,10 +289,13 @@ def write_hf(
     max_shard_bytes: int = 5 << 30,
     progress: bool = True,
     inputs: Inputs = (),
+    template: str | None = None,
 ) -> Path:
     """Write a Hugging Face directory that `LlamaForCausalLM.from_pretrained` loads as is.
 
     `dst` may not overlap the checkpoint's own path and tokenizer, nor `inputs`.
+    `template`: the SFT template the model was tuned with (`tokenizer.templates`), written
+    as the tokenizer's `chat_template`.
     """
     args = ckpt.args
     config = hf_config(args, ckpt.main_dtype(), ckpt.tokenizer)
@@ -314,5 +317,6 @@ def write_hf(
         write_sharded_safetensors(out, "model", specs, get, max_shard_bytes,
                                   metadata={"format": "pt"}, on_tensor=tick)
         if ckpt.tokenizer is not None:
-            write_hf_tokenizer_files(ckpt.tokenizer, out, model_max_length=args.max_seq_len)
+            write_hf_tokenizer_files(ckpt.tokenizer, out, model_max_length=args.max_seq_len,
+                                     template=template)
     return Path(dst)
