@@ -88,7 +88,8 @@ def describe_os_error(e: OSError, output: str | Path | None = None) -> str:
     return cause
 
 
-def _describe(e: BaseException, output: str | Path | None) -> str:
+def describe_error(e: BaseException, output: str | Path | None = None) -> str:
+    """The text of the `error:` line for an exception (without the `error: ` prefix)."""
     if isinstance(e, UnicodeDecodeError):  # a ValueError, but its own words name no file
         return f"cannot decode input as {e.encoding}: byte 0x{e.object[e.start]:02x} at offset {e.start} ({e.reason})"
     if isinstance(e, (ValueError, CommandError)):
@@ -133,7 +134,7 @@ def command_errors(output: str | Path | None = None) -> Iterator[None]:
     except Exception as e:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        _fail(f"error: {_describe(e, output)}")
+        _fail(f"error: {describe_error(e, output)}")
 
 
 def run_command(fn: Callable[..., T], *args: Any, output: str | Path | None = None, **kwargs: Any) -> T:

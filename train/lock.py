@@ -13,10 +13,12 @@ import fcntl
 import os
 from pathlib import Path
 
+from tokenizer.cli import CommandError
+
 from .distributed import DistInfo, all_reduce_sum, barrier
 
 
-class RunLocked(RuntimeError):
+class RunLocked(CommandError):
     """Another run holds the output directory."""
 
 

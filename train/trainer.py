@@ -8,9 +8,9 @@ checkpoints on the way, and the adapter or model written at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+from argparse import RawDescriptionHelpFormatter
 import os
 import signal
 import sys
@@ -33,14 +33,13 @@ from model.formats import read_checkpoint, write_model_dir
 from model.llama import Transformer, build_model
 from model.lora import LoRAConfig, apply_lora, mark_trainable, save_adapter
 from model.tensor_io import parse_dtype
+from tokenizer.cli import TRACEBACK_ENV, ArgumentParser, CommandError, describe_error
 from tokenizer.files import sha256_file
-
-from data.shards import DataError
 
 from . import checkpoint as ckpt_io
 from .config import ConfigError, TrainConfig, dump, load_config
 from .distributed import DistInfo, all_reduce_sum, setup, teardown
-from .lock import RunLock, RunLocked
+from .lock import RunLock
 from .lora_setup import plan_lora
 from .optim import LossScaler, build_optimizer, lr_at, set_lr
 from .resume import ResumePlan, base_fingerprint, check_model_outside_output, plan_resume
@@ -249,7 +248,7 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_bat
 # the loop
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(CommandError):
     """Training stopped after too many non-finite losses in a row."""
 
 
@@ -299,7 +298,7 @@ def resume(plan: ResumePlan, state: ckpt_io.TrainState, data: BatchSource, dist:
     return plan.path
 
 
-class Interrupted(RuntimeError):
+class Interrupted(CommandError):
     """The run was stopped by Ctrl-C or SIGTERM; the message says what was kept."""
 
 
@@ -441,11 +440,11 @@ def script_main(argv: list[str] | None, prog: str, doc: str, make_data: DataFact
     """Parse `config.yaml [--key=value ..]`, then build, train and export; errors in one line.
 
     `make_data(cfg, dist, built)` returns (training batches, validation batches or None,
-    sequence length for the FLOP count). Under torchrun only rank 0 prints an error (the
-    ranks fail alike); every rank exits non-zero, 130 when interrupted.
+    sequence length for the FLOP count). Under torchrun a failure the ranks share (a bad
+    config, data or checkpoint, a non-finite stop, Ctrl-C) is said once, by rank 0; one a
+    rank meets alone is said by that rank, tagged with it. Exit 1, or 130 when interrupted.
     """
-    p = argparse.ArgumentParser(prog=prog, description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=doc, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (see configs/)")
     a, overrides = p.parse_known_args(argv)
     # Ctrl-C reaches every rank at once (and torchrun forwards SIGINT or SIGTERM); after
@@ -458,8 +457,9 @@ def script_main(argv: list[str] | None, prog: str, doc: str, make_data: DataFact
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
-    dist = None
+    dist, shared = None, True
     try:
+        # read-only checks first, alike on every rank: nothing is written if they fail
         cfg = load_config(a.config, overrides)
         if cfg.stage not in stages:
             raise ConfigError(f"stage: {prog} runs {', '.join(stages)}, not {cfg.stage!r}")
@@ -467,29 +467,65 @@ def script_main(argv: list[str] | None, prog: str, doc: str, make_data: DataFact
         fingerprint = base_fingerprint(read_checkpoint(cfg.model.path, progress=False))
         plan = plan_resume(cfg, fingerprint)  # refuses before anything is written
         dist = setup(cfg.parallel.backend)
-        lock = RunLock(Path(cfg.output_dir), dist)
-        lock.acquire()
-        built = build_for_stage(cfg, dist)
-        train, val, seq_len = make_data(cfg, dist, built)
+        RunLock(Path(cfg.output_dir), dist).acquire()
+        built, (train, val, seq_len) = _agree(dist, lambda: _build_and_data(cfg, dist, make_data))
+        shared = False  # from here a rank may fail alone (a full disk, a lost GPU)
         run(cfg, built, train, dist, val, seq_len=seq_len, plan=plan, fingerprint=fingerprint)
         path = export(cfg, built, dist)
         if dist.is_main:
             print(f"done: {path}")
         teardown()
     except (Interrupted, KeyboardInterrupt) as e:
-        _fail(str(e) if isinstance(e, Interrupted) else "interrupted", 130, dist)
-    except (ValueError, OSError, NonFiniteLoss, RunLocked) as e:  # ConfigError, DataError, FormatError…
-        _fail("interrupted" if stopped else str(e), 130 if stopped else 1, dist)
-    except RuntimeError as e:
-        if not stopped:
+        _fail(str(e) if isinstance(e, Interrupted) else "interrupted", 130, dist, shared=True)
+    except Exception as e:  # the same words as every other command (tokenizer/cli.py)
+        if stopped:
+            _fail("interrupted", 130, dist, shared=True)
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        _fail("interrupted", 130, dist)
+        _fail(describe_error(e, a.config), 1, dist, shared=shared or isinstance(e, CommandError))
 
 
-def _fail(message: str, code: int, dist: DistInfo | None) -> None:
-    """One `error:` line (from rank 0 only), then exit without waiting for other ranks."""
+def _build_and_data(cfg: TrainConfig, dist: DistInfo, make_data: DataFactory) -> tuple[Built, Any]:
+    built = build_for_stage(cfg, dist)
+    return built, make_data(cfg, dist, built)
+
+
+class _Agreed(CommandError):
+    """A failure of one or more ranks, agreed on by all (the message of the lowest rank)."""
+
+
+def _agree(dist: DistInfo, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on every rank; if any rank fails, every rank raises the first failure's
+    message, so that rank 0 can say it and no rank is left waiting in a collective."""
+    result, message = None, None
+    try:
+        result = fn()
+    except Exception as e:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        message = describe_error(e)
+    messages: list[str | None] = [None] * dist.world_size
+    torch.distributed.all_gather_object(messages, message)  # our own strings: nothing foreign
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, first = failed[0]
+        raise _Agreed(first if rank == 0 or len(failed) == dist.world_size else f"rank {rank}: {first}")
+    return result
+
+
+def _fail(message: str, code: int, dist: DistInfo | None, shared: bool) -> None:
+    """One `error:` line, then exit without waiting for other ranks.
+
+    A shared failure is said by rank 0 only; the other ranks wait a moment first, so that
+    the launcher does not stop rank 0 (for their exit) before it has said it.
+    """
     rank = dist.rank if dist is not None else int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    if rank == 0 or not shared:
+        tag = f"rank {rank}: " if rank else ""
+        print(f"error: {tag}{message}", file=sys.stderr, flush=True)
+    elif code != 130:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the launcher may stop us now: quietly
+            signal.signal(sig, signal.SIG_DFL)
+        time.sleep(2)
     sys.stdout.flush()
     os._exit(code)  # a collective teardown could wait forever for a rank that already left
