@@ -65,6 +65,7 @@ class AdapterWeights:
         path: where it was read from.
         base: what our adapters record of the base they were trained over (adapter_config's
             base_vocab_size, vocab_size, base_params); empty for PEFT's.
+        template: the SFT template ours record having been tuned with; None for PEFT's.
     """
 
     lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -73,6 +74,7 @@ class AdapterWeights:
     tokenizer: Path | None
     path: Path
     base: dict[str, Any] = field(default_factory=dict)
+    template: str | None = None
 
     @property
     def vocab_size(self) -> int | None:
@@ -179,7 +181,7 @@ def _ours(config: dict[str, Any], tensors: _TensorFile, tokenizer: Path | None,
         raise FormatError(f"{path}: a LoRA factor without its partner")
     base = {k: config.get(k) for k in ("base_vocab_size", "vocab_size", "base_params",
                                        "tokenizer_sha256", "base_tensors_sha256")}
-    return AdapterWeights(lora, replace, tensors.get, tokenizer, path, base)
+    return AdapterWeights(lora, replace, tensors.get, tokenizer, path, base, config.get("template"))
 
 
 def _peft_rank(config: dict[str, Any], module: str) -> tuple[int, str]:
@@ -389,6 +391,10 @@ def merge_adapter(ckpt: Checkpoint, adapter: AdapterWeights, *, force_base: bool
                   ) -> Checkpoint:
     """The checkpoint with the adapter folded in (lazily: tensors are merged as fetched).
 
+    The result records the adapter's SFT template, or keeps the checkpoint's when the
+    adapter has none: adapters merged in order leave the last one's (with a note when an
+    earlier one said another).
+
     Args:
         force_base: merge even when our adapter recorded another base than this one
             (other parameters, tokenizer or weights); sizes that do not fit are refused
@@ -417,8 +423,13 @@ def merge_adapter(ckpt: Checkpoint, adapter: AdapterWeights, *, force_base: bool
         delta = b.float() @ a.float()  # (out, r) @ (r, in): the update, in float32
         return delta.mul_(scaling).add_(w).to(dtype)  # one float32 matrix, not three
 
+    if adapter.template and ckpt.template and adapter.template != ckpt.template:
+        print(f"note: {adapter.path} was tuned with template {adapter.template}, the model it is "
+              f"merged into with {ckpt.template}: the merged model records {adapter.template}",
+              file=sys.stderr)
     return ckpt.replace(args=ckpt.args.replace(vocab_size=vocab), specs=specs, get=get_merged,
-                        tokenizer=adapter.tokenizer or ckpt.tokenizer)
+                        tokenizer=adapter.tokenizer or ckpt.tokenizer,
+                        template=adapter.template or ckpt.template)
 
 
 def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:

@@ -34,6 +34,9 @@ class Checkpoint:
         specs: canonical name → shape and dtype, in canonical order.
         get: fetches one tensor by canonical name (Meta layout), reading it from disk.
         tokenizer: the sentencepiece model that goes with it, if known.
+        template: the SFT prompt template it was tuned with (a name in
+            `tokenizer.templates.TEMPLATES`), if known: what a Hugging Face export writes
+            as the tokenizer's chat_template.
     """
 
     format: str
@@ -42,6 +45,7 @@ class Checkpoint:
     specs: dict[str, TensorSpec]
     get: Callable[[str], torch.Tensor]
     tokenizer: Path | None = None
+    template: str | None = None
 
     def replace(self, **changes) -> Checkpoint:
         return dataclasses.replace(self, **changes)

@@ -3,6 +3,7 @@
     python -m model.convert SRC DST --to zhllama|hf|meta|gguf [--tokenizer PATH] [--dtype D]
         [--shards N] [--pad_vocab_to_multiple_of M] [--max_shard_size 5GB] [--overwrite]
         [--template NAME]   # --to hf: the SFT template, as the tokenizer's chat_template
+                            # (default: the one the model directory records)
     python -m model.convert SRC OUT.gguf --to gguf [--dtype f32|f16|q8_0]   # for llama.cpp
 
 SRC is detected: a Meta directory (consolidated.NN.pth + params.json), a Hugging Face
@@ -68,7 +69,8 @@ def convert(
 ) -> Checkpoint:
     """Read SRC (any format), write DST in format `to`; returns the checkpoint written.
 
-    `template`: for `hf`, the SFT template whose chat_template the tokenizer files carry.
+    `template`: for `hf`, the SFT template whose chat_template the tokenizer files carry
+    (None: the one SRC records, if any).
     """
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; choose from {', '.join(TARGETS)}")
@@ -109,6 +111,9 @@ def write(
         raise ValueError(f"--template: a chat template goes into Hugging Face output only, not {to}")
     if template is not None and ckpt.tokenizer is None:
         raise ValueError("--template: no tokenizer to write the chat template for; pass --tokenizer")
+    if template is not None and ckpt.template not in (None, template):
+        print(f"note: --template {template} instead of {ckpt.template}, which the model records",
+              file=sys.stderr)
     if to == "gguf":
         if dtype is not None and dtype not in GGUF_DTYPES:
             raise ValueError(f"--dtype {dtype} is not a GGUF type; use f32, f16 or q8_0")
@@ -159,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not verify Meta's checklist.chk md5 sums")
     p.add_argument("--template", choices=tuple(TEMPLATES),
                    help="--to hf: the SFT template the model was tuned with, written as the "
-                        "tokenizer's chat_template")
+                        "tokenizer's chat_template (default: the one SRC records, if any)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p

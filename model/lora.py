@@ -29,6 +29,7 @@ from torch import nn
 
 from tokenizer.files import atomic_output_dir, sha256_file
 from tokenizer.schema import Field, check_fields
+from tokenizer.templates import TEMPLATES
 
 from .checkpoint import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
 from .llama import PARAMS_FIELDS
@@ -58,6 +59,7 @@ ADAPTER_FIELDS = MappingProxyType({
     "base_params": Field("object", required=False, nullable=True, fields=PARAMS_FIELDS),
     "base_tensors_sha256": Field("string", required=False, nullable=True),
     "base_tensors_hashed": Field("list", items=Field("string"), required=False, nullable=True),
+    "template": Field("string", choices=tuple(TEMPLATES), required=False, nullable=True),
 })
 
 
@@ -198,7 +200,7 @@ def save_adapter(
     state: dict[str, torch.Tensor], config: LoRAConfig, out_dir: str | Path, *,
     base_vocab_size: int, vocab_size: int, tokenizer_sha256: str | None = None,
     tokenizer: Path | None = None, base_params: dict[str, Any] | None = None,
-    base: Checkpoint | None = None, overwrite: bool = False,
+    base: Checkpoint | None = None, template: str | None = None, overwrite: bool = False,
 ) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` (atomically).
 
@@ -210,7 +212,12 @@ def save_adapter(
             its tensors is recorded (`model.checkpoint.tensor_fingerprint`), and its
             parameters and tokenizer hash where not given, so that merging refuses another
             base. Reads two small tensors; nothing when None.
+        template: the SFT template the adapter was tuned with (a name in
+            `tokenizer.templates.TEMPLATES`), carried by merging into the merged model
+            and its Hugging Face chat_template; None for pretraining.
     """
+    if template is not None and template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
     if not any(n.endswith(("lora_a", "lora_b")) for n in state):
         raise ValueError("refusing to save an adapter with no LoRA tensors")
     missing = [m for m in config.modules_to_save if not any(n.startswith(m + ".") for n in state)]
@@ -233,7 +240,8 @@ def save_adapter(
             "base_params": base_params,
             # what merging compares to tell the base it was trained on from another
             "base_tensors_sha256": fingerprint,
-            "base_tensors_hashed": list(BASE_FINGERPRINT_TENSORS) if fingerprint else None}
+            "base_tensors_hashed": list(BASE_FINGERPRINT_TENSORS) if fingerprint else None,
+            "template": template}
     with atomic_output_dir(out_dir, overwrite, inputs=(tokenizer,)) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})

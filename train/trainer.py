@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
+from data.shards import read_meta
 from model.checkpoint import Checkpoint, from_state_dict
 from model.formats import read_checkpoint, write_model_dir
 from model.llama import Transformer, build_model
@@ -35,6 +36,7 @@ from model.lora import LoRAConfig, apply_lora, mark_trainable, save_adapter
 from model.tensor_io import parse_dtype
 from tokenizer.cli import TRACEBACK_ENV, ArgumentParser, CommandError, describe_error
 from tokenizer.files import sha256_file
+from tokenizer.templates import TEMPLATES
 
 from . import checkpoint as ckpt_io
 from .config import ConfigError, TrainConfig, dump, load_config
@@ -401,9 +403,22 @@ def run(
 
 
 def export(cfg: TrainConfig, built: Built, dist: DistInfo) -> Path:
-    """Write the adapter (stage lora) or a canonical model directory (embeddings, full)."""
+    """Write the adapter (stage lora) or a canonical model directory (embeddings, full).
+
+    After SFT, the output records the data's prompt template (its meta.json), which a
+    Hugging Face export then writes as the chat_template; after pretraining, none.
+    """
     model, out = built.model, Path(cfg.output_dir)
     tokenizer = built.base.tokenizer
+    template = None
+    if dist.is_main:
+        meta = read_meta(cfg.data.path)
+        template = meta["options"].get("template") if meta["kind"] == "sft" else None
+        # an unknown name is warned about, not refused: the run has trained by now
+        if template is not None and template not in TEMPLATES:
+            print(f"warning: {cfg.data.path}: template {template!r} is not one of "
+                  f"{', '.join(TEMPLATES)}; the output records none", file=sys.stderr)
+            template = None
     if built.lora is not None:
         full = get_model_state_dict(model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
@@ -413,14 +428,14 @@ def export(cfg: TrainConfig, built: Built, dist: DistInfo) -> Path:
             save_adapter(state, built.lora, out / "adapter", base_vocab_size=origin.args.vocab_size,
                          vocab_size=built.base.args.vocab_size, overwrite=True, tokenizer=tokenizer,
                          tokenizer_sha256=sha256_file(tokenizer) if tokenizer else None,
-                         base=origin)
+                         base=origin, template=template)
         return out / "adapter"
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:
         dtype = parse_dtype(cfg.model.dtype)
         state = {k: v.to(dtype) for k, v in full.items()}
-        write_model_dir(from_state_dict(state, built.base.args, tokenizer), out / "model",
-                        overwrite=True, progress=False)
+        trained = from_state_dict(state, built.base.args, tokenizer).replace(template=template)
+        write_model_dir(trained, out / "model", overwrite=True, progress=False)
     return out / "model"
 
 

@@ -295,8 +295,9 @@ def write_hf(
 
     `dst` may not overlap the checkpoint's own path and tokenizer, nor `inputs`.
     `template`: the SFT template the model was tuned with (`tokenizer.templates`), written
-    as the tokenizer's `chat_template`.
+    as the tokenizer's `chat_template`; None: the one the checkpoint records, if any.
     """
+    template = template if template is not None else ckpt.template
     args = ckpt.args
     config = hf_config(args, ckpt.main_dtype(), ckpt.tokenizer)
     hf_names = {canonical_to_hf_name(n): n for n in ckpt.specs}

@@ -4,7 +4,8 @@
     model.safetensors    Meta's tensor names and rotary layout (or model-0000k-of-0000n
                          .safetensors + model.safetensors.index.json past --max_shard_size)
     tokenizer.model      the sentencepiece model, when known
-    zhllama.json         manifest: format version, dtype, tokenizer sha256, source
+    zhllama.json         manifest: format version, dtype, tokenizer sha256, source, and the
+                         SFT template the model was tuned with (null when none is known)
 
 Loading is strict: every tensor must be present with the shape params.json implies.
 """
@@ -18,11 +19,13 @@ from pathlib import Path
 import torch
 
 from tokenizer.files import Inputs, atomic_output_dir, sha256_file
+from tokenizer.schema import Field, check_fields
+from tokenizer.templates import TEMPLATES
 
 from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, open_safetensors, read_weight_index,
+    FormatError, Reopening, TensorSpec, open_safetensors, read_json, read_weight_index,
     write_sharded_safetensors,
 )
 from .meta import read_params
@@ -31,6 +34,9 @@ from .progress import tensor_progress
 FORMAT_VERSION = 1
 MANIFEST = "zhllama.json"
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The manifest keys a reader uses; the others only describe the directory to a person.
+MANIFEST_FIELDS = {"template": Field("string", choices=tuple(TEMPLATES), required=False,
+                                     nullable=True)}
 
 
 def is_model_dir(path: Path) -> bool:
@@ -54,6 +60,17 @@ def _open_safetensors(f: Path):
     if not f.exists():
         raise FormatError(f"{f}: listed in the weight index but missing")
     return open_safetensors(f)
+
+
+def read_template(path: Path) -> str | None:
+    """The SFT template the manifest records; None without one (older directories have none)."""
+    where = path / MANIFEST
+    if not where.exists():
+        return None
+    manifest = read_json(where)
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{where}: not a JSON object")
+    return check_fields(manifest, MANIFEST_FIELDS, where, FormatError).get("template")
 
 
 def read_model_dir(path: str | Path) -> Checkpoint:
@@ -85,7 +102,8 @@ def read_model_dir(path: str | Path) -> Checkpoint:
         return t
 
     tokenizer = path / "tokenizer.model"
-    return Checkpoint("zhllama", path, args, specs, get, tokenizer if tokenizer.exists() else None)
+    return Checkpoint("zhllama", path, args, specs, get, tokenizer if tokenizer.exists() else None,
+                      read_template(path))
 
 
 def write_model_dir(
@@ -109,6 +127,8 @@ def write_model_dir(
         "num_params": sum(int(torch.Size(s.shape).numel()) for s in ckpt.specs.values()),
         "tokenizer_sha256": sha256_file(ckpt.tokenizer) if ckpt.tokenizer else None,
         "source": {"format": ckpt.format, "name": ckpt.path.name if ckpt.path else None},
+        # so that a Hugging Face export made from this directory gets its chat_template
+        "template": ckpt.template,
     }
     with atomic_output_dir(dst, overwrite, inputs=(ckpt.path, ckpt.tokenizer, *inputs)) as out, \
             tensor_progress(ckpt.specs, "model", progress) as tick:
