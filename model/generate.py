@@ -1,13 +1,19 @@
 """Generate text with a KV cache: greedy or sampled, streamed to stdout.
 
-    python -m model.generate MODEL --prompt TEXT [--max_new_tokens N] [--temperature T]
-        [--top_k K] [--top_p P] [--repetition_penalty R] [--seed S] [--interactive]
+    python -m model.generate MODEL [--lora_model A[,B,..] [--force_base]] --prompt TEXT
+        [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P]
+        [--repetition_penalty R] [--seed S] [--interactive]
         [--template cla_v1|alpaca|llama2_cla_v2 [--system_prompt TEXT]]
 
-MODEL is a model directory or anything `model.convert` reads. Temperature 0 is greedy.
-An empty prompt starts from BOS alone. Generation stops at EOS. With --template, each
+MODEL is a model directory or anything `model.convert` reads. --lora_model applies
+adapters (ours or PEFT's) in the order given, as `model.merge_lora` would, but in memory
+as the weights are loaded: nothing is written, and the output is that of the merged
+model. Temperature 0 is greedy. An empty prompt starts from BOS alone. Generation stops
+at EOS. The prompt and its continuation are printed as one text, the decoding of all
+their tokens together (so the continuation's first space is kept). With --template, each
 prompt is an instruction put into the template the model was tuned with (exactly as
-`data.prepare --sft` formatted its training data), and only the response is printed.
+`data.prepare --sft` formatted its training data), and only the response is printed,
+decoded as training encoded it: on its own.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import argparse
 import os
 import select
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +33,10 @@ from tokenizer.cli import (ArgumentParser, command_errors, non_negative_float, p
 from tokenizer.spm_io import load_sp
 from tokenizer.templates import TEMPLATES, format_prompt
 
-from .checkpoint import check_tokenizer_rows, load_model
+from .checkpoint import Checkpoint, check_tokenizer_rows, load_model
 from .formats import read_checkpoint
 from .llama import KVCache, Transformer
+from .merge_lora import merge
 from .tensor_io import FormatError, parse_dtype
 
 
@@ -126,21 +133,29 @@ def generate_ids(
         tokens = torch.tensor([[token]], device=device)
 
 
-def stream_text(sp, ids: Iterator[int]) -> Iterator[str]:
-    """Turn ids into text pieces as they arrive.
+def stream_text(sp, ids: Iterator[int], prefix: Sequence[int] = ()) -> Iterator[str]:
+    """Turn ids into text pieces as they arrive; all pieces joined are `sp.decode(prefix + ids)`.
 
-    Decoding the whole sequence each time and emitting what is new keeps spaces right
-    (sentencepiece's ▁) and waits for multi-byte characters split over byte tokens.
+    The text of `prefix` (e.g. the prompt's ids) comes first, then what each new id adds.
+    Decoding the whole sequence each time and emitting what is new keeps spaces right:
+    decoded alone, a continuation loses the space of its first piece (sentencepiece drops
+    a leading ▁ as the dummy prefix). Multi-byte characters split over byte tokens are held
+    back until their last byte has come; what is left at the end is emitted as it decodes.
     """
-    generated: list[int] = []
-    shown = ""
+    tokens = list(prefix)
+    shown = sp.decode(tokens) if tokens else ""
+    if shown:
+        yield shown
+    text = shown
     for token in ids:
-        generated.append(token)
-        text = sp.decode(generated)
+        tokens.append(token)
+        text = sp.decode(tokens)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
             continue
         yield text[len(shown):]
         shown = text
+    if text != shown:  # generation ended inside a character: show it as decoding does
+        yield text[len(shown):]
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -172,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m model.generate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model directory, or any checkpoint model.convert reads")
+    p.add_argument("--lora_model", help="adapter directories (ours or PEFT's), comma-separated, "
+                   "applied in this order in memory, as model.merge_lora would merge them")
+    p.add_argument("--force_base", action="store_true",
+                   help="apply adapters even if one recorded another base (other parameters, "
+                        "tokenizer or weights); sizes must still fit")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
     p.add_argument("--max_new_tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy decoding")
@@ -183,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=tuple(TEMPLATES),
                    help="treat each prompt as an instruction in this SFT template; print the response only")
     p.add_argument("--system_prompt", help="the system prompt of templates that have one (default: theirs)")
-    p.add_argument("--tokenizer", help="sentencepiece model, if not beside the checkpoint")
+    p.add_argument("--tokenizer", help="sentencepiece model, if not beside the checkpoint "
+                   "(overrides the base's and the adapters')")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -201,19 +222,36 @@ def _respond(model, sp, prompt: str, a: argparse.Namespace, cfg: SamplingConfig)
     generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(a.seed)
     stream = generate_ids(model, ids, a.max_new_tokens, cfg, stop_ids=(sp.eos_id(),),
                           allowed_vocab=sp.vocab_size(), generator=generator)
-    if echo:
-        sys.stdout.write(prompt)
-    for piece in stream_text(sp, stream):
+    # Echoed, the prompt is decoded with its continuation, so the continuation's first
+    # space stays. A response is decoded alone: training encoded it on its own
+    # (`data.sft.encode_sample`), so its first ▁ is that encoding's dummy prefix, not text.
+    for piece in stream_text(sp, stream, ids if echo else ()):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def open_model(model: str | Path, lora_models: Sequence[str | Path] = (), *,
+               tokenizer: str | Path | None = None, force_base: bool = False) -> Checkpoint:
+    """The checkpoint to generate from: `model`, with the adapters applied in order.
+
+    The adapters are folded in lazily, tensor by tensor as the model is loaded (the same
+    merge `model.merge_lora` writes out), so the merged weights exist only in memory.
+    """
+    if not lora_models:
+        return read_checkpoint(model, tokenizer=tokenizer, progress=False)
+    return merge(model, list(lora_models), tokenizer=tokenizer, force_base=force_base,
+                 progress=False)
 
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     with command_errors():
         cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
-        ckpt = read_checkpoint(a.model, tokenizer=a.tokenizer, progress=False)
+        adapters = [s.strip() for s in (a.lora_model or "").split(",") if s.strip()]
+        if a.lora_model is not None and not adapters:
+            raise ValueError("--lora_model: no adapter directory given")
+        ckpt = open_model(a.model, adapters, tokenizer=a.tokenizer, force_base=a.force_base)
         if ckpt.tokenizer is None:
             raise FormatError(f"{a.model}: no tokenizer.model found; pass --tokenizer")
         if note := check_tokenizer_rows(ckpt):

@@ -480,6 +480,13 @@ GENERATE = [
     case("model-evil", "{meta_evil}", "--prompt", "hi", words=("consolidated.00.pth", "posix.system")),
     case("model-truncated", "{hf_truncated}", "--prompt", "hi", words="bytes short"),
     case("llama2c-without-tokenizer", "{stories}", "--prompt", "hi", words="--tokenizer"),
+    # adapters applied live are read and checked as model.merge_lora reads them
+    case("adapter-missing", "{canon}", "--lora_model", "{root}/none", "--prompt", "hi", words="none"),
+    case("adapter-names-nothing", "{canon}", "--lora_model", ",", "--prompt", "hi", words="--lora_model"),
+    case("adapter-evil-bin", "{canon}", "--lora_model", "{peft_evil}", "--prompt", "hi",
+         words=("adapter_model.bin", "posix.system")),
+    case("adapter-truncated", "{canon}", "--lora_model", "{adapter_truncated}", "--prompt", "hi",
+         words="adapter_model.safetensors"),
 ]
 if not torch.cuda.is_available():
     GENERATE.append(case("device-cuda-without-cuda", "{canon}", "--prompt", "hi", "--device", "cuda",

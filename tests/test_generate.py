@@ -116,3 +116,84 @@ def test_template_wraps_the_instruction_and_prints_the_response(shared_data, tmp
     model = load_model(read_checkpoint(tmp_path / "m")).eval()
     out = list(generate_ids(model, ids, 12, SamplingConfig(temperature=0), stop_ids=(sp.eos_id(),)))
     assert r.stdout == sp.decode(out) + "\n" and "### Instruction" not in r.stdout
+
+
+@pytest.fixture(scope="module")
+def llama_vocab_model(tmp_path_factory):
+    """A tiny random model over LLaMA's 32,000 pieces, its Hugging Face export, and the
+    English prompt whose greedy continuation starts with a ▁ piece (the space at stake)."""
+    import sentencepiece as spm
+
+    from model.checkpoint import from_state_dict
+    from model.convert import convert
+    from model.formats import write_model_dir
+    from tests.conftest import SHARED_DATA, require_shared
+
+    tok = SHARED_DATA / "tokenizers" / "llama_tokenizer.model"
+    require_shared(tok)
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    args = named_args("tiny", vocab_size=sp.vocab_size())
+    tmp = tmp_path_factory.mktemp("llama-vocab")
+    for seed in range(20):  # a random model: find one whose continuation shows the space
+        model = random_model(args, seed=seed, std=0.3)
+        first = greedy_continuation(model, sp, "The cat", 1)
+        if first and sp.id_to_piece(first[0]).startswith("▁"):
+            break
+    else:
+        pytest.fail("no seed gave a continuation starting with ▁")
+    write_model_dir(from_state_dict(model.state_dict(), args, tokenizer=tok), tmp / "m", progress=False)
+    convert(tmp / "m", tmp / "hf", "hf", progress=False)
+    return tmp / "m", tmp / "hf", sp
+
+
+def greedy_continuation(model, sp, text: str, n: int, template: str | None = None) -> list[int]:
+    from tokenizer.templates import format_prompt
+
+    prompt = format_prompt(template, text) if template else text
+    return list(generate_ids(model, [sp.bos_id()] + sp.encode(prompt), n, SamplingConfig(temperature=0),
+                             stop_ids=(sp.eos_id(),), allowed_vocab=sp.vocab_size()))
+
+
+@pytest.mark.parametrize("prompt", ["The cat", "我爱北京天安门，"])
+def test_printed_text_is_prompt_and_continuation_decoded_together(llama_vocab_model, prompt, capsys):
+    from model.checkpoint import load_model
+    from model.formats import read_checkpoint
+    from model.generate import main
+
+    model_dir, hf_dir, sp = llama_vocab_model
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = load_model(read_checkpoint(model_dir)).eval()
+    ids = [sp.bos_id()] + sp.encode(prompt)
+    gen = greedy_continuation(model, sp, prompt, 16)
+    capsys.readouterr()
+    main([str(model_dir), "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "16",
+          "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert len(gen) > 3 and out == sp.decode(ids + gen) + "\n"
+    assert out == hf.decode(ids + gen, skip_special_tokens=True) + "\n"
+    assert out.startswith(prompt)
+    if prompt == "The cat":  # what decoding the continuation alone printed: "The catand …"
+        assert out.startswith("The cat ") and out != prompt + sp.decode(gen) + "\n"
+
+    # With a template only the response is printed, decoded alone as training encoded it
+    # (`sp.encode(output)`): as transformers' decode of the response ids.
+    capsys.readouterr()
+    main([str(model_dir), "--prompt", prompt, "--template", "cla_v1", "--temperature", "0",
+          "--max_new_tokens", "16", "--device", "cpu"])
+    response = greedy_continuation(model, sp, prompt, 16, template="cla_v1")
+    out = capsys.readouterr().out
+    assert out == sp.decode(response) + "\n" == hf.decode(response, skip_special_tokens=True) + "\n"
+
+
+def test_stream_text_joins_to_the_decoding_of_prefix_and_ids(shared_data):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(shared_data / "tokenizers" / "llama_tokenizer.model"))
+    prefix = [sp.bos_id()] + sp.encode("The cat")
+    for text in (" and a boy 世界", "世界 🦙"):
+        ids = sp.encode(text)
+        ids = ids[1:] if sp.id_to_piece(ids[0]) == "▁" else ids  # as a model continues: no dummy ▁
+        for cut in range(len(ids) + 1):  # also ending inside a character (byte fallback)
+            pieces = list(stream_text(sp, iter(ids[:cut]), prefix))
+            assert "".join(pieces) == sp.decode(prefix + ids[:cut])
+            assert pieces[0] == "The cat" and all("\ufffd" not in p for p in pieces[1:-1])
