@@ -45,7 +45,7 @@ def worker(which: str, hf_dir: Path, batch: int, seq: int, steps: int, vocab: in
 
     def step() -> None:
         if which == "ours-chunked":
-            loss = model(inputs, labels=targets, loss_chunk_size=1024) / targets.numel()
+            loss = model.loss(inputs, targets, chunk_size=1024) / targets.numel()
         else:
             out = model(inputs)
             logits = out if which == "ours" else out.logits

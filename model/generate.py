@@ -121,14 +121,16 @@ def generate_ids(
     cache = KVCache(model.args, 1, max_len, device=device, dtype=model.tok_embeddings.weight.dtype)
     tokens = torch.tensor([prompt], device=device)
     context = list(prompt)
+    start_pos = 0  # the position of tokens[0, 0]; the cache holds every one before it
     for _ in range(max_len - len(prompt)):
-        logits = model(tokens, cache=cache)[0, -1]
+        logits = model(tokens, start_pos=start_pos, cache=cache)[0, -1]
         if allowed_vocab is not None and allowed_vocab < logits.shape[-1]:
             logits[allowed_vocab:] = float("-inf")
         token = next_token(logits, torch.tensor(context, device=device), cfg, generator)
         if token in stop_ids:
             return
         yield token
+        start_pos += tokens.shape[1]
         context.append(token)
         tokens = torch.tensor([[token]], device=device)
 

@@ -26,6 +26,9 @@ from kernels.cross_entropy import (
 )
 from tokenizer.schema import Field, check_fields
 
+# The standard deviation of freshly initialised embeddings and projections (GPT-2's).
+INIT_STD = 0.02
+
 # Keys of Meta's params.json that describe how Meta's own code ran the model, not the model.
 _RUNTIME_KEYS = frozenset({"max_batch_size"})
 
@@ -231,8 +234,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of past positions, for decoding one token at a time.
 
-    Holds (bs, n_kv_heads, max_len, head_dim) buffers per layer; `pos` is the number of
-    positions already written. The model advances `pos` after each forward.
+    Holds (bs, n_kv_heads, max_len, head_dim) buffers per layer and nothing else: the
+    caller says where each call's tokens go (`Transformer.forward`'s `start_pos`), so
+    running the same positions again (a new prompt, a retried step) needs no reset.
     """
 
     def __init__(
@@ -248,17 +252,17 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.max_len = max_len
-        self.pos = 0
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (bs, n_kv_heads, seqlen, head_dim) at `pos`; return all keys/values so far."""
-        end = self.pos + k.shape[2]
+        """Store k, v (bs, n_kv_heads, seqlen, head_dim) at `start_pos`; return keys/values
+        of positions 0..start_pos+seqlen-1, each (bs, n_kv_heads, start_pos + seqlen, head_dim)."""
+        end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
-        self.keys[layer][:, :, self.pos : end] = k
-        self.values[layer][:, :, self.pos : end] = v
+        self.keys[layer][:, :, start_pos:end] = k
+        self.values[layer][:, :, start_pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -314,24 +318,29 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: tuple[torch.Tensor | None, bool],
-        cache: KVCache | None = None,
+        cache: KVCache | None,
+        start_pos: int,
     ) -> torch.Tensor:
-        """x: (bs, seqlen, dim); rope: (cos, sin); mask: (attn_mask, is_causal) for SDPA."""
+        """x: (bs, seqlen, dim); rope: (cos, sin); mask: (attn_mask, is_causal) for SDPA;
+        with a cache, x holds positions start_pos..start_pos+seqlen-1."""
         bs, seqlen, _ = x.shape
-        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
+        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
+        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # (bs, n_heads, seqlen, head_dim): the layout SDPA wants
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # heads before positions, the layout SDPA wants
+        q = q.transpose(1, 2)  # (bs, n_heads, seqlen, head_dim)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (bs, n_kv_heads, seqlen, head_dim)
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)
+            # every position so far: (bs, n_kv_heads, start_pos + seqlen, head_dim)
+            k, v = cache.update(self.layer_id, start_pos, k, v)
         attn_mask, is_causal = mask
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+        )  # (bs, n_heads, seqlen, head_dim)
+        out = out.transpose(1, 2)  # (bs, seqlen, n_heads, head_dim)
+        return self.wo(out.reshape(bs, seqlen, -1))  # wo's input: (bs, seqlen, n_heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -362,9 +371,10 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: tuple[torch.Tensor | None, bool],
-        cache: KVCache | None = None,
+        cache: KVCache | None,
+        start_pos: int,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -380,88 +390,115 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
+    def init_weights(self) -> None:
         """Fill every parameter (e.g. after `to_empty()` from the meta device).
 
-        Normal(0, std) for embeddings and projections; the two projections that write into
-        the residual stream (wo, w2) are scaled by 1/sqrt(2·n_layers) so the residual's
+        Normal(0, INIT_STD) for embeddings and projections; the two projections that write
+        into the residual stream (wo, w2) are scaled by 1/sqrt(2·n_layers) so the residual's
         variance does not grow with depth (GPT-2's choice); norms start at one.
         """
-        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        residual_std = INIT_STD / math.sqrt(2 * self.args.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 is_residual = name.endswith((".wo", ".w2"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else INIT_STD)
 
     def forward(
         self,
         tokens: torch.Tensor,
-        cache: KVCache | None = None,
-        return_hidden: bool = False,
         *,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        loss_chunk_size: int | None = None,
-        return_accuracy: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """Logits (bs, seqlen, vocab_size) for tokens (bs, seqlen).
 
         Args:
             tokens: token ids.
-            cache: when given, `tokens` continue the cached positions, and the cache is
-                advanced by seqlen.
-            return_hidden: return the final normalised hidden states (bs, seqlen, dim)
-                instead of logits.
+            start_pos: the position of `tokens[:, 0]` (only with a cache): the cache holds
+                positions 0..start_pos-1 and this call writes the next seqlen. The model
+                keeps no position of its own; the caller passes start_pos + seqlen next.
+            cache: keys and values of earlier positions, for decoding.
             segment_ids: (bs, seqlen) ids of samples packed into one row: attention stays
                 inside each sample and positions restart at its start.
-            labels: (bs, seqlen) target ids (-100: no loss). When given, the result is the
-                float32 *sum* of the token losses, so callers can divide by the number of
-                target tokens across micro-batches and ranks.
-            loss_chunk_size: compute that loss in chunks of this many tokens, never holding
-                all logits (`kernels.cross_entropy`); None computes the logits whole.
-            return_accuracy: with labels, for evaluation (no gradients): return (summed
-                loss, number of targets the argmax predicts), computed in chunks.
         """
+        return self.output(self._hidden(tokens, start_pos, cache, segment_ids))
+
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """The float32 *sum* of the token losses, so the caller can divide by the number of
+        target tokens across micro-batches and ranks.
+
+        The output layer and loss run inside this method (not on returned logits) so that
+        they can go in chunks and a sharded model gathers the output weight for them (FSDP
+        is told of this method from outside: `register_fsdp_forward_method`).
+
+        Args:
+            tokens: (bs, seqlen) token ids.
+            labels: (bs, seqlen) target ids; -100 where no loss is taken.
+            segment_ids: packed samples, as in `forward`.
+            chunk_size: compute the output layer and loss in chunks of this many tokens,
+                never holding all logits (`kernels.cross_entropy`); None: all logits at once.
+        """
+        h = self._hidden(tokens, segment_ids=segment_ids).flatten(0, 1)  # (bs * seqlen, dim)
+        if chunk_size:
+            return linear_cross_entropy(h, self.output.weight, labels.flatten(), chunk_size)
+        return linear_cross_entropy_reference(h, self.output.weight, labels.flatten())
+
+    def eval_stats(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For evaluation (call it under `torch.no_grad()`): (summed float32 loss, number of
+        targets the argmax predicts), in chunks of `chunk_size` tokens (None: one chunk).
+
+        Same arguments as `loss`; labels of -100 count in neither.
+        """
+        h = self._hidden(tokens, segment_ids=segment_ids).flatten(0, 1)  # (bs * seqlen, dim)
+        return linear_cross_entropy_stats(h, self.output.weight, labels.flatten(),
+                                          max(chunk_size or h.shape[0], 1))
+
+    def _hidden(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final normalised hidden states (bs, seqlen, dim): embeddings, blocks, norm."""
         seqlen = tokens.shape[1]
-        start = cache.pos if cache is not None else 0
+        if start_pos and cache is None:
+            raise ValueError(f"start_pos {start_pos} needs the cache that holds the positions before it")
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("segment_ids (packed samples) cannot be used with a KV cache")
             positions, attn_mask = segment_positions_and_mask(segment_ids)
             mask: tuple[torch.Tensor | None, bool] = (attn_mask, False)
         else:
-            positions = torch.arange(start, start + seqlen, device=tokens.device)
-            mask = attention_mask(seqlen, start, tokens.device)
+            positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+            mask = attention_mask(seqlen, start_pos, tokens.device)
         rope = rope_cos_sin(self.args.head_dim, positions, self.args.rope_theta)
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
         for layer in self.layers:
-            h = layer(h, rope, mask, cache)
-        if cache is not None:
-            cache.pos += seqlen
-        h = self.norm(h)
-        if labels is not None:
-            if return_accuracy:
-                flat = h.reshape(-1, h.shape[-1])
-                return linear_cross_entropy_stats(flat, self.output.weight, labels.reshape(-1),
-                                                  max(loss_chunk_size or flat.shape[0], 1))
-            return self._loss(h, labels, loss_chunk_size)
-        return h if return_hidden else self.output(h)
-
-    def _loss(self, h: torch.Tensor, labels: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-        # Computed inside forward so that a sharded (FSDP) output weight is still gathered.
-        h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-        if chunk_size:
-            return linear_cross_entropy(h, self.output.weight, labels, chunk_size)
-        return linear_cross_entropy_reference(h, self.output.weight, labels)
+            h = layer(h, rope, mask, cache, start_pos)
+        return self.norm(h)
 
 
-def build_model(
-    args: ModelArgs, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    init: bool = True,
-) -> Transformer:
-    """Build on the meta device (no memory, no wasted default init), then materialise.
+def build_model(args: ModelArgs, *, init: bool = True) -> Transformer:
+    """Build on the meta device (no memory, no wasted default init), then materialise it
+    on the CPU in float32 (callers move and cast it).
 
     With `init=False` the parameters stay on the meta device, ready for
     `load_state_dict(..., assign=True)`.
@@ -470,9 +507,9 @@ def build_model(
         model = Transformer(args)
     if not init:
         return model
-    model.to_empty(device=device)
+    model.to_empty(device="cpu")
     model.init_weights()
-    return model.to(dtype)
+    return model
 
 
 def num_params(model: nn.Module) -> int:

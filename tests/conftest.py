@@ -46,13 +46,14 @@ def random_model(args, seed: int = 0, std: float = 0.1):
     """
     import torch
 
-    from model.llama import build_model
+    from model.llama import INIT_STD, build_model
 
     torch.manual_seed(seed)
     model = build_model(args)
-    model.init_weights(std=std)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            else:  # the model's own initialisation, scaled from std INIT_STD to `std`
+                p.mul_(std / INIT_STD)
     return model.eval()

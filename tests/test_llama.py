@@ -1,22 +1,26 @@
-"""The hand-written LLaMA against transformers' LlamaForCausalLM, and its KV cache."""
+"""The hand-written LLaMA against transformers' LlamaForCausalLM and Meta's rotary formula,
+its KV cache, and its loss and evaluation methods."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.checkpoint import from_state_dict
 from model.formats import write_hf
 from model.llama import (
-    KVCache, ModelArgs, build_model, ffn_hidden_dim, ffn_params_for, named_args, num_params,
+    KVCache, ModelArgs, apply_rope, build_model, ffn_hidden_dim, ffn_params_for, named_args,
+    num_params, rope_cos_sin,
 )
 from tests.conftest import random_model
 
-transformers = pytest.importorskip("transformers")
-
 
 def hf_twin(model, tmp_path):
-    """The same weights in transformers, through our HF export."""
+    """The same weights in transformers, through our HF export (skips without transformers)."""
+    transformers = pytest.importorskip("transformers")
     ckpt = from_state_dict(model.state_dict(), model.args)
     write_hf(ckpt, tmp_path / "hf", progress=False)
     return transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -49,6 +53,74 @@ def test_wrong_rotary_layout_would_be_caught(tmp_path):
         assert (model(tokens) - hf(tokens).logits).abs().max() > 1e-2
 
 
+def meta_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Meta's llama/model.py rotary embedding (`precompute_freqs_cis` + `apply_rotary_emb`),
+    written out: pairs (2i, 2i+1) of the last dimension as complex numbers, multiplied by
+    e^{i·pos·freq_i}. x: (bs, seqlen, n_heads, head_dim); positions (seqlen,) or (bs, seqlen)."""
+    head_dim = x.shape[-1]
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = positions.float()[..., None] * freqs  # torch.outer(t, freqs) for each row
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)  # (…, seqlen, head_dim // 2)
+    freqs_cis = freqs_cis[None, :, None] if positions.dim() == 1 else freqs_cis[:, :, None]
+    x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(x_ * freqs_cis).flatten(3).type_as(x)
+
+
+def rotate_half(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Hugging Face's convention (pairs (i, i + head_dim/2)): what the test must tell apart."""
+    cos, sin = (t.repeat(1, 2)[None, :, None] for t in rope_cos_sin(x.shape[-1], positions, theta))
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rotary_embedding_is_metas_complex_formula(theta):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 13, 3, 16, generator=g)  # (bs, seqlen, n_heads, head_dim)
+    for positions in (torch.arange(13), torch.arange(40, 53)):  # a prompt; a later cached chunk
+        ours = apply_rope(x, *rope_cos_sin(16, positions, theta))
+        assert (ours - meta_rotary(x, positions, theta)).abs().max() <= 1e-5
+        # guard the guard: the other convention is far off, so it could not pass for Meta's
+        assert (rotate_half(x, positions, theta) - meta_rotary(x, positions, theta)).abs().max() > 0.5
+    packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4], list(range(13))])  # per row
+    ours = apply_rope(x, *rope_cos_sin(16, packed, theta))
+    assert (ours - meta_rotary(x, packed, theta)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("size", ["tiny", "tiny-gqa"])
+def test_attention_is_metas_with_its_rotary_formula(size):
+    # The attention layer against Meta's, written out from the raw weights with Meta's
+    # rotary formula and its repeat_kv, independent of any permute or export.
+    args = named_args(size)
+    model = random_model(args)
+    attn = model.layers[1].attention
+    bs, seqlen, n_rep = 2, 19, args.n_heads // args.kv_heads
+    x = torch.randn(bs, seqlen, args.dim, generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(seqlen)
+    with torch.no_grad():
+        q = meta_rotary(attn.wq(x).view(bs, seqlen, args.n_heads, args.head_dim), positions, args.rope_theta)
+        k = meta_rotary(attn.wk(x).view(bs, seqlen, args.kv_heads, args.head_dim), positions, args.rope_theta)
+        v = attn.wv(x).view(bs, seqlen, args.kv_heads, args.head_dim)
+        # Meta's repeat_kv: kv head j serves query heads j·n_rep … (j+1)·n_rep − 1
+        k, v = (t.repeat_interleave(n_rep, dim=2).transpose(1, 2) for t in (k, v))
+        scores = q.transpose(1, 2) @ k.transpose(2, 3) / math.sqrt(args.head_dim)
+        scores = scores + torch.full((seqlen, seqlen), float("-inf")).triu(1)
+        expected = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(bs, seqlen, -1))
+        ours = attn(x, rope_cos_sin(args.head_dim, positions, args.rope_theta), (None, True), None, 0)
+    assert expected.abs().max() > 0.1
+    assert (ours - expected).abs().max() <= 1e-5
+
+
+def decode_in_parts(model, tokens: torch.Tensor, cache: KVCache, cuts: list[int]) -> torch.Tensor:
+    """Logits of `tokens` run through the cache in pieces [0, cuts[0]), [cuts[0], cuts[1]), …;
+    the caller, not the model, keeps the position."""
+    parts, start = [], 0
+    for end in cuts + [tokens.shape[1]]:
+        parts.append(model(tokens[:, start:end], start_pos=start, cache=cache))
+        start = end
+    return torch.cat(parts, dim=1)
+
+
 @pytest.mark.parametrize("size", ["tiny", "tiny-gqa"])
 def test_kv_cache_decoding_equals_full_forward(size):
     model = random_model(named_args(size))
@@ -57,25 +129,44 @@ def test_kv_cache_decoding_equals_full_forward(size):
         full = model(tokens)
         cache = KVCache(model.args, 2, 64)
         # a prompt, then single tokens, then a chunk of several tokens (needs the explicit mask)
-        parts = [model(tokens[:, :17], cache=cache)]
-        parts += [model(tokens[:, i : i + 1], cache=cache) for i in range(17, 30)]
-        parts.append(model(tokens[:, 30:], cache=cache))
-    assert cache.pos == 40
-    assert (torch.cat(parts, dim=1) - full).abs().max() <= 1e-5
+        decoded = decode_in_parts(model, tokens, cache, [17, *range(18, 31)])
+    assert (decoded - full).abs().max() <= 1e-5
+    # exactly the 40 positions were written, every layer's keys and values, nothing beyond
+    for buffers in (cache.keys, cache.values):
+        assert all(b[:, :, :40].abs().sum(-1).min() > 0 and not b[:, :, 40:].any() for b in buffers)
 
 
-def test_kv_cache_full_is_an_error():
+def test_kv_cache_position_is_the_callers():
+    # forward keeps no position: the same call twice gives the same logits, and decoding can
+    # go back to an earlier position (the cache's later entries are overwritten or ignored).
+    model = random_model(named_args("tiny-gqa"))
+    tokens = torch.randint(0, 512, (1, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.args, 1, 32)
+        prompt = model(tokens[:, :20], cache=cache)
+        assert torch.equal(model(tokens[:, :20], start_pos=0, cache=cache), prompt)
+        step = model(tokens[:, 20:21], start_pos=20, cache=cache)
+        assert torch.equal(model(tokens[:, 20:21], start_pos=20, cache=cache), step)
+        other = torch.randint(0, 512, (1, 4))
+        model(other, start_pos=10, cache=cache)  # a different continuation from position 10 …
+        again = model(tokens[:, 10:24], start_pos=10, cache=cache)  # … then the original one
+    assert (again - full[:, 10:]).abs().max() <= 1e-5
+    assert (step - full[:, 20:21]).abs().max() <= 1e-5
+
+
+def test_kv_cache_full_and_position_without_cache_are_errors():
     model = random_model(named_args("tiny"))
     cache = KVCache(model.args, 1, 8)
     with pytest.raises(ValueError, match="KV cache is full"):
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
-
-
-def test_return_hidden_feeds_output():
-    model = random_model(named_args("tiny"))
-    tokens = torch.randint(0, 512, (2, 9))
-    with torch.no_grad():
-        assert torch.equal(model.output(model(tokens, return_hidden=True)), model(tokens))
+    model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="KV cache is full: 9 positions > max_len 8"):
+        model(torch.zeros(1, 4, dtype=torch.long), start_pos=5, cache=cache)
+    with pytest.raises(ValueError, match="start_pos 5 needs the cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), start_pos=5)
+    with pytest.raises(ValueError, match="segment_ids .* cannot be used with a KV cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache, segment_ids=torch.zeros(1, 4))
 
 
 def test_meta_device_build_then_init():
@@ -138,17 +229,37 @@ def test_packed_segments_equal_separate_samples():
         assert (together[:, 11:] - model(b)).abs().max() <= 1e-5
 
 
-def test_labels_give_summed_token_loss_plain_and_chunked():
+def test_loss_is_the_summed_token_loss_plain_and_chunked():
     model = random_model(named_args("tiny"))
     tokens = torch.randint(0, 512, (2, 16))
     labels = torch.randint(0, 512, (2, 16))
     labels[:, :5] = -100
     logits = model(tokens)
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
-    plain = model(tokens, labels=labels)
-    chunked = model(tokens, labels=labels, loss_chunk_size=5)
+    expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    plain = model.loss(tokens, labels)
+    chunked = model.loss(tokens, labels, chunk_size=5)
+    assert plain.dtype == chunked.dtype == torch.float32
     assert torch.allclose(plain, expected, rtol=1e-6) and torch.allclose(chunked, expected, rtol=1e-5)
     g_plain = torch.autograd.grad(plain, model.layers[0].attention.wq.weight)[0]
     g_chunk = torch.autograd.grad(chunked, model.layers[0].attention.wq.weight)[0]
     assert torch.allclose(g_plain, g_chunk, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_loss_and_eval_stats_follow_forwards_logits_of_packed_samples(chunk_size):
+    model = random_model(named_args("tiny-gqa"))
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 512, (2, 18), generator=g)
+    segments = torch.tensor([[0] * 11 + [1] * 7, [0] * 4 + [1] * 14])
+    with torch.no_grad():
+        logits = model(tokens, segment_ids=segments)
+        labels = torch.randint(0, 512, (2, 18), generator=g)
+        labels[0, :6] = logits[0, :6].argmax(-1)  # right for sure, but at 0 and 5 …
+        labels[:, ::5] = -100  # … which are ignored
+        expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                   reduction="sum")
+        right = int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
+        loss, correct = model.eval_stats(tokens, labels, segment_ids=segments, chunk_size=chunk_size)
+        summed = model.loss(tokens, labels, segment_ids=segments, chunk_size=chunk_size)
+    assert torch.allclose(loss, expected, rtol=1e-5) and torch.allclose(summed, expected, rtol=1e-5)
+    assert int(correct) == right >= 4

@@ -179,7 +179,7 @@ def test_stage2_starts_at_the_base_loss_and_its_adapter_merges(world, tmp_path):
     model = load_model(read_checkpoint(world / "base"))
     batch = next(PackedBlocks(world / "tokens", block_size=32, seed=0).batches(4))
     with torch.no_grad():
-        loss = model(batch["tokens"], labels=batch["labels"]) / (batch["labels"] != -100).sum()
+        loss = model.loss(batch["tokens"], batch["labels"]) / (batch["labels"] != -100).sum()
     assert abs(losses(tmp_path / "s2")[0] - float(loss)) < 1e-6
     config, meta, tensors = read_adapter(tmp_path / "s2" / "adapter")
     assert meta["base_vocab_size"] == model.args.vocab_size and len(tensors) == 2 * 7 * 2 + 2

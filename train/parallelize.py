@@ -14,11 +14,14 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl, checkpoint_wrapper,
 )
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from .config import ParallelConfig
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The model's methods besides `forward` that run it (the trainer's loss and evaluation):
+# FSDP hooks only `forward`, so these are registered to gather the root's parameters.
+FORWARD_METHODS = ("loss", "eval_stats")
 # Wrappers insert these into parameter names; state_dict() keys stay clean.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -50,11 +53,18 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: str) -> None:
-    """Shard each block and the root over `mesh`; compute in `precision`, reduce in fp32."""
+    """Shard each block and the root over `mesh`; compute in `precision`, reduce in fp32.
+
+    The root's embeddings, final norm and output layer are gathered around `forward` and
+    around each of `FORWARD_METHODS` (the output weight is used inside `loss`, for its
+    chunks, never on returned logits).
+    """
     policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[precision], reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    for method in FORWARD_METHODS:
+        register_fsdp_forward_method(model, method)
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh) -> nn.Module:

@@ -184,8 +184,8 @@ def memory_bytes(device: torch.device) -> int:
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int, device) -> torch.Tensor:
     """Summed token loss of a micro-batch."""
     kwargs = {"segment_ids": batch["segment_ids"].to(device)} if "segment_ids" in batch else {}
-    return model(batch["tokens"].to(device), labels=batch["labels"].to(device),
-                 loss_chunk_size=chunk or None, **kwargs)
+    return model.loss(batch["tokens"].to(device), batch["labels"].to(device),
+                      chunk_size=chunk or None, **kwargs)
 
 
 def train_step(
@@ -231,8 +231,8 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_bat
     for _, batch in zip(range(n_batches), batches):
         labels = batch["labels"].to(dist.device)
         kwargs = {"segment_ids": batch["segment_ids"].to(dist.device)} if "segment_ids" in batch else {}
-        loss, right = model(batch["tokens"].to(dist.device), labels=labels, loss_chunk_size=chunk or None,
-                            return_accuracy=True, **kwargs)
+        loss, right = model.eval_stats(batch["tokens"].to(dist.device), labels, chunk_size=chunk or None,
+                                       **kwargs)
         loss_sum += float(loss)
         correct += float(right)
         count += float((labels != IGNORE_INDEX).sum())
