@@ -2,7 +2,8 @@
 
 `pip install -e .` makes the top-level packages `model`, `tokenizer`, `data`, `train` and
 `kernels` importable from anywhere, so scripts such as `torchrun train/pretrain.py cfg.yaml`
-need no path hacks.
+need no path hacks, and installs the `zhllama` command (train/cli.py), which a user's own
+data/ or model/ folder cannot shadow as it can `python -m data.prepare`.
 """
 
 from setuptools import find_packages, setup
@@ -15,6 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["model*", "tokenizer*", "data*", "train*", "kernels*"]),
+    entry_points={"console_scripts": ["zhllama = train.cli:main"]},
     install_requires=[
         # GPU users bring their own torch build; CPU installs pin it (see Makefile).
         "torch>=2.6",

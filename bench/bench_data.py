@@ -49,12 +49,12 @@ def bare_encode(tokenizer: str, lines: list[str]) -> int:
 
 
 def run_prepare(tokenizer: str, corpus: Path, out: Path, workers: int) -> dict:
-    from data.prepare import build_parser, prepare
+    from data.prepare import PrepareOptions, prepare
+    from data.text import TextPreparer
 
     with contextlib.redirect_stderr(io.StringIO()):  # no progress bars in the figures
-        return prepare(build_parser().parse_args([
-            "--tokenizer", tokenizer, "--input", str(corpus), "--output_dir", str(out),
-            "--num_workers", str(workers), "--chunk_mb", "2", "--overwrite"]))
+        return prepare(PrepareOptions(Path(tokenizer), (str(corpus),), out, TextPreparer(chunk_mb=2),
+                                      num_workers=workers, overwrite=True))
 
 
 def cli_startup(tokenizer: str, tmp: Path) -> float:

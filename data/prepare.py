@@ -27,6 +27,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,45 @@ from tokenizer.cli import (ArgumentParser, command_errors, interrupts_to_parent_
                            positive_float, positive_int)
 from tokenizer.files import atomic_output_dir, check_output_against_inputs, sha256_file
 from tokenizer.spm_io import load_sp, resolve_model_file
-
-from . import sft as sft_prep
-from . import text as text_prep
-from .shards import FORMAT, FORMAT_VERSION, META, DataError, dtype_for_vocab, read_meta
 from tokenizer.templates import TEMPLATES
 
+from .preparer import ERRORS, Preparer, WorkUnit, Worker
+from .sft import SFTPreparer
+from .shards import FORMAT, FORMAT_VERSION, META, DataError, dtype_for_vocab, read_meta
+from .text import TextPreparer
 
-def expand_inputs(patterns: list[str], suffixes: tuple[str, ...]) -> list[Path]:
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """One data-preparation job: the shared settings, and the kind of input with its own
+    (`TextPreparer()` for pretraining text, `SFTPreparer(...)` for instruction data)."""
+
+    tokenizer: Path  # sentencepiece model, or a directory holding tokenizer.model
+    input: tuple[str, ...]  # files or globs, in order
+    output_dir: Path  # the token directory to write
+    preparer: Preparer = field(default_factory=TextPreparer)
+    num_workers: int = field(default_factory=default_workers)  # any number: the same output
+    overwrite: bool = False
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> PrepareOptions:
+        preparer: Preparer
+        if a.sft:
+            preparer = SFTPreparer(template=a.template, max_seq_length=a.max_seq_length,
+                                   field_map=a.field_map, system_prompt=a.system_prompt,
+                                   errors=a.errors)
+        else:
+            preparer = TextPreparer(text_key=a.text_key, bos=not a.no_bos, eos=not a.no_eos,
+                                    errors=a.errors, chunk_mb=a.chunk_mb)
+        return cls(tokenizer=Path(a.tokenizer), input=tuple(a.input), output_dir=Path(a.output_dir),
+                   preparer=preparer, num_workers=a.num_workers, overwrite=a.overwrite)
+
+
+def expand_inputs(patterns: tuple[str, ...] | list[str], suffixes: tuple[str, ...]) -> list[Path]:
     """Files named or matched by the patterns, in order; each glob's matches sorted."""
     files = []
     for pattern in patterns:
@@ -79,7 +111,8 @@ def check_existing(out: Path, tokenizer_sha: str, overwrite: bool) -> None:
     raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
 
 
-def run_units(worker, units: list[Any], num_workers: int, total_bytes: int, desc: str) -> list[Any]:
+def run_units(worker: Worker, units: list[WorkUnit], num_workers: int, total_bytes: int,
+              desc: str) -> list[dict[str, Any]]:
     """Run worker(unit) for every unit (in parallel), results in unit order, with progress.
 
     The first failing unit in unit order is reported (the same one whatever the number of
@@ -147,17 +180,8 @@ def finish(meta: dict[str, Any], results: list[dict[str, Any]], skipped: dict[st
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def check_options(a: argparse.Namespace) -> None:
-    if a.num_workers < 1:
-        raise DataError(f"--num_workers must be at least 1, got {a.num_workers}")
-    if not a.chunk_mb > 0:
-        raise DataError(f"--chunk_mb must be positive, got {a.chunk_mb}")
-    if a.sft and a.max_seq_length < 2:
-        raise DataError(f"--max_seq_length must be at least 2, got {a.max_seq_length}")
-
-
-def prepare(a: argparse.Namespace) -> dict[str, Any]:
-    """Run data preparation as the options say (see `build_parser`).
+def prepare(opts: PrepareOptions) -> dict[str, Any]:
+    """Tokenize the inputs into a token directory, as `opts` says.
 
     Returns:
         The content of the meta.json written.
@@ -165,23 +189,24 @@ def prepare(a: argparse.Namespace) -> dict[str, Any]:
     Raises:
         DataError: bad input or options; FileExistsError: the output exists.
     """
-    check_options(a)
-    tokenizer = resolve_model_file(a.tokenizer)
+    if opts.num_workers < 1:
+        raise DataError(f"--num_workers must be at least 1, got {opts.num_workers}")
+    prep = opts.preparer
+    prep.check()
+    tokenizer = resolve_model_file(opts.tokenizer)
     sp = load_sp(tokenizer)
-    out = Path(a.output_dir)
-    mod = sft_prep if a.sft else text_prep
-    sources = expand_inputs(a.input, mod.SUFFIXES)
-    inputs = [a.tokenizer, tokenizer, *sources]
+    out = Path(opts.output_dir)
+    sources = expand_inputs(opts.input, prep.suffixes)
+    inputs = [opts.tokenizer, tokenizer, *sources]
     check_output_against_inputs(out, inputs)  # before the exists check: --overwrite cannot help
-    check_existing(out, sha256_file(tokenizer), a.overwrite)
-    units, skipped = mod.plan_units(sources, a)
+    check_existing(out, sha256_file(tokenizer), opts.overwrite)
+    units, skipped = prep.plan_units(sources)
     if not units and not skipped:
         raise DataError(f"the input is empty: {', '.join(map(str, sources))}")
-    with atomic_output_dir(out, a.overwrite, inputs=inputs) as tmp:
-        worker = mod.make_worker(tokenizer, tmp, a)
-        results = run_units(worker, units, a.num_workers, sum(u.nbytes for u in units),
-                            desc="tokenizing")
-        meta = base_meta("sft" if a.sft else "pretrain", tokenizer, sp, mod.options(a))
+    with atomic_output_dir(out, opts.overwrite, inputs=inputs) as tmp:
+        results = run_units(prep.worker(tokenizer, tmp), units, opts.num_workers,
+                            sum(u.nbytes for u in units), desc="tokenizing")
+        meta = base_meta(prep.kind, tokenizer, sp, prep.recorded_options())
         finish(meta, results, skipped, sources, tmp)
     return meta
 
@@ -193,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True,
                    help="files or globs (quoted), in order: .txt/.jsonl, or .json/.jsonl with --sft")
     p.add_argument("--output_dir", required=True, help="token directory to write (must not exist)")
-    p.add_argument("--num_workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--num_workers", type=positive_int, default=default_workers(),
                    help="tokenizing processes (default: CPU count, at most 8); the output is the "
                         "same for any number")
     p.add_argument("--chunk_mb", type=positive_float, default=64.0,
@@ -203,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text_key", default="text", help="the text field of .jsonl lines (default text)")
     g.add_argument("--no_bos", action="store_true", help="do not start documents with <s>")
     g.add_argument("--no_eos", action="store_true", help="do not end documents with </s>")
-    g.add_argument("--errors", choices=("strict", "replace", "skip"), default="strict",
+    g.add_argument("--errors", choices=ERRORS, default="strict",
                    help="undecodable UTF-8: stop (naming file and line), replace with U+FFFD, or "
                         "skip the line (with --sft too; a .json list takes only replace); counts "
                         "go to meta.json")
@@ -220,13 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_options(argv: list[str] | None = None) -> PrepareOptions:
+    """The job a command line describes (argparse's usage errors exit with status 2)."""
+    return PrepareOptions.from_args(build_parser().parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
-    with command_errors(output=a.output_dir):
-        meta = prepare(a)
+    opts = parse_options(argv)
+    with command_errors(output=opts.output_dir):
+        meta = prepare(opts)
+        sft = meta["kind"] == "sft"
         skipped = ", ".join(f"{v:,} {k}" for k, v in meta["skipped"].items()) or "none"
-        extra = f"; {meta['truncated']:,} truncated" if a.sft else ""
-        print(f"wrote {a.output_dir}: {meta['num_documents']:,} {'samples' if a.sft else 'documents'}, "
+        extra = f"; {meta['truncated']:,} truncated" if sft else ""
+        print(f"wrote {opts.output_dir}: {meta['num_documents']:,} {'samples' if sft else 'documents'}, "
               f"{meta['num_tokens']:,} tokens ({meta['dtype']}) in {len(meta['files'])} file(s); "
               f"skipped: {skipped}{extra}")
 

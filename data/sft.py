@@ -8,20 +8,20 @@ them is exact. The loss covers the target only; each sample's source length is s
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .shards import DataError, ShardWriter, dtype_for_vocab
 from tokenizer.templates import TEMPLATES, format_prompt
+
+from .preparer import ERRORS, Preparer, Worker
+from .shards import DataError, ShardWriter, dtype_for_vocab
 from .text import processor
 
-SUFFIXES = (".json", ".jsonl")
 FIELDS = ("instruction", "input", "output")
 RECORDS_PER_UNIT = 2000
 
@@ -156,24 +156,48 @@ def read_records(path: Path, fields: dict[str, str], skipped: dict[str, int],
     return records
 
 
-def plan_units(sources: list[Path], a: argparse.Namespace) -> tuple[list[Unit], dict[str, int]]:
-    """Every usable record, in file order, cut into units; and the records skipped."""
-    if a.template not in TEMPLATES:
-        raise DataError(f"--template {a.template!r}: choose from {', '.join(TEMPLATES)}")
-    fields = parse_field_map(a.field_map)
-    skipped: dict[str, int] = {}
-    records = [r for path in sources for r in read_records(path, fields, skipped, a.errors)]
-    chunks = [tuple(records[i : i + RECORDS_PER_UNIT]) for i in range(0, len(records), RECORDS_PER_UNIT)]
-    return [Unit(i, c) for i, c in enumerate(chunks)], skipped
+@dataclass(frozen=True)
+class SFTPreparer(Preparer):
+    """Instruction data: every record formatted with `template`, stored as one sample with
+    its prompt length (the loss covers the response and its </s> only).
 
+    Records are read whole (a JSON list cannot be cut), then cut into units of
+    RECORDS_PER_UNIT records.
+    """
 
-def options(a: argparse.Namespace) -> dict[str, Any]:
-    return {"template": a.template, "max_seq_length": a.max_seq_length,
-            "field_map": a.field_map, "system_prompt": a.system_prompt}
+    kind: ClassVar[str] = "sft"
+    suffixes: ClassVar[tuple[str, ...]] = (".json", ".jsonl")
 
+    template: str = "cla_v1"  # tokenizer/templates.py
+    max_seq_length: int = 512  # longest sample in tokens; longer ones are shortened, keeping EOS
+    field_map: str = ""  # "our=theirs,…" (see parse_field_map)
+    system_prompt: str | None = None  # None: the template's own
+    errors: str = "strict"  # undecodable UTF-8: stop, replace with U+FFFD, or skip the line
 
-def make_worker(tokenizer: Path, out_dir: Path, a: argparse.Namespace):
-    return functools.partial(tokenize_unit, str(tokenizer), str(out_dir), options(a))
+    def check(self) -> None:
+        if self.max_seq_length < 2:
+            raise DataError(f"--max_seq_length must be at least 2, got {self.max_seq_length}")
+        if self.template not in TEMPLATES:
+            raise DataError(f"--template {self.template!r}: choose from {', '.join(TEMPLATES)}")
+        if self.errors not in ERRORS:
+            raise DataError(f"--errors {self.errors!r}: choose from {', '.join(ERRORS)}")
+        parse_field_map(self.field_map)
+
+    def plan_units(self, sources: list[Path]) -> tuple[list[Unit], dict[str, int]]:
+        """Every usable record, in file order, cut into units; and the records skipped."""
+        fields = parse_field_map(self.field_map)
+        skipped: dict[str, int] = {}
+        records = [r for path in sources for r in read_records(path, fields, skipped, self.errors)]
+        chunks = [tuple(records[i : i + RECORDS_PER_UNIT])
+                  for i in range(0, len(records), RECORDS_PER_UNIT)]
+        return [Unit(i, c) for i, c in enumerate(chunks)], skipped
+
+    def recorded_options(self) -> dict[str, Any]:
+        return {"template": self.template, "max_seq_length": self.max_seq_length,
+                "field_map": self.field_map, "system_prompt": self.system_prompt}
+
+    def worker(self, tokenizer: Path, out_dir: Path) -> Worker:
+        return functools.partial(tokenize_unit, str(tokenizer), str(out_dir), self.recorded_options())
 
 
 def cut_content(instruction: str, input: str, budget: int) -> tuple[str, str]:

@@ -7,20 +7,19 @@ document. Blank lines and empty texts are skipped and counted.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import functools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tokenizer.spm_io import load_sp
 
+from .preparer import ERRORS, Preparer, Worker
 from .shards import DataError, ShardWriter, dtype_for_vocab
 
-SUFFIXES = (".txt", ".jsonl")
 # Characters of text per sentencepiece call: large enough that the per-call overhead
 # vanishes, small enough that the ids (as Python ints) stay a few hundred MB per worker.
 ENCODE_BATCH_CHARS = 1 << 22
@@ -54,25 +53,45 @@ def split_points(path: Path, chunk_bytes: int) -> list[int]:
     return points + [size]
 
 
-def plan_units(sources: list[Path], a: argparse.Namespace) -> tuple[list[Unit], dict[str, int]]:
-    """Work units in output order (files in the given order, each cut at line starts);
-    nothing is skipped while planning, hence the empty counts."""
-    units = []
-    for path in sources:
-        points = split_points(path, max(1, int(a.chunk_mb * 2**20)))
-        for start, end in zip(points, points[1:]):
-            if end > start:
-                units.append(Unit(len(units), path, start, end))
-    return units, {}
+@dataclass(frozen=True)
+class TextPreparer(Preparer):
+    """Pretraining text: every document stored as <s> + tokens + </s> (each optional).
 
+    Inputs are cut at line starts into units of about `chunk_mb`, one shard each.
+    """
 
-def options(a: argparse.Namespace) -> dict[str, Any]:
-    return {"bos": not a.no_bos, "eos": not a.no_eos, "text_key": a.text_key, "errors": a.errors,
-            "chunk_mb": a.chunk_mb}
+    kind: ClassVar[str] = "pretrain"
+    suffixes: ClassVar[tuple[str, ...]] = (".txt", ".jsonl")
 
+    text_key: str = "text"  # the text field of .jsonl lines
+    bos: bool = True
+    eos: bool = True
+    errors: str = "strict"  # undecodable UTF-8: stop, replace with U+FFFD, or skip the line
+    chunk_mb: float = 64.0  # input per work unit and token file
 
-def make_worker(tokenizer: Path, out_dir: Path, a: argparse.Namespace):
-    return functools.partial(tokenize_unit, str(tokenizer), str(out_dir), options(a))
+    def check(self) -> None:
+        if not self.chunk_mb > 0:
+            raise DataError(f"--chunk_mb must be positive, got {self.chunk_mb}")
+        if self.errors not in ERRORS:
+            raise DataError(f"--errors {self.errors!r}: choose from {', '.join(ERRORS)}")
+
+    def plan_units(self, sources: list[Path]) -> tuple[list[Unit], dict[str, int]]:
+        """Work units in output order (files in the given order, each cut at line starts);
+        nothing is skipped while planning, hence the empty counts."""
+        units = []
+        for path in sources:
+            points = split_points(path, max(1, int(self.chunk_mb * 2**20)))
+            for start, end in zip(points, points[1:]):
+                if end > start:
+                    units.append(Unit(len(units), path, start, end))
+        return units, {}
+
+    def recorded_options(self) -> dict[str, Any]:
+        return {"bos": self.bos, "eos": self.eos, "text_key": self.text_key,
+                "errors": self.errors, "chunk_mb": self.chunk_mb}
+
+    def worker(self, tokenizer: Path, out_dir: Path) -> Worker:
+        return functools.partial(tokenize_unit, str(tokenizer), str(out_dir), self.recorded_options())
 
 
 def line_number(unit: Unit, index: int) -> int:

@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("ZHLLAMA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 from data.datasets import PackedBlocks, TokenStream  # noqa: E402
-from data.prepare import build_parser as prepare_parser, prepare  # noqa: E402
+from data.prepare import parse_options, prepare  # noqa: E402
 from data.sft import parse_field_map, read_records  # noqa: E402
 from data.text import Unit, decode_lines, documents  # noqa: E402
 from tokenizer.files import sha256_file  # noqa: E402
@@ -84,18 +84,17 @@ def quiet(fn: Any, *args: Any) -> Any:
 
 def merged_tokenizer(tmp: Path) -> Path:
     """The published 49,953-piece merge of the shared LLaMA and Chinese models."""
-    from tokenizer.merge import build_parser, merge
+    from tokenizer.merge import MergeOptions, merge
 
     out = tmp / "merged"
-    quiet(merge, build_parser().parse_args([
-        "--llama_tokenizer_dir", str(SHARED / "tokenizers" / "llama_tokenizer.model"),
-        "--chinese_sp_model_file", str(SHARED / "tokenizers" / "chinese_sp.model"),
-        "--output_dir", str(out)]))
+    quiet(merge, MergeOptions(llama_tokenizer_dir=SHARED / "tokenizers" / "llama_tokenizer.model",
+                              chinese_sp_model_file=SHARED / "tokenizers" / "chinese_sp.model",
+                              output_dir=out))
     return out / "tokenizer.model"
 
 
 def run_prepare(args: list[str]) -> dict[str, Any]:
-    return quiet(prepare, prepare_parser().parse_args(args + ["--num_workers", "1"]))
+    return quiet(prepare, parse_options(args + ["--num_workers", "1"]))
 
 
 def pct(part: float, whole: float) -> str:

@@ -11,7 +11,9 @@ import sentencepiece as spm
 import torch
 
 from data.datasets import IGNORE_INDEX, PackedBlocks, SFTDataset, TokenStream, collate, collate_packed
-from data.prepare import build_parser, prepare
+from data.prepare import PrepareOptions, prepare
+from data.sft import SFTPreparer
+from data.text import TextPreparer
 from data.shards import DataError, check_tokenizer
 
 
@@ -24,18 +26,16 @@ def tok(shared_data: Path) -> Path:
 def lunyu(tok, shared_data, tmp_path) -> Path:
     """The Analects as token files of ~8 KB of text each (several files)."""
     out = tmp_path / "lunyu"
-    prepare(build_parser().parse_args([
-        "--tokenizer", str(tok), "--input", str(shared_data / "corpus" / "lunyu.txt"),
-        "--output_dir", str(out), "--chunk_mb", "0.008"]))
+    prepare(PrepareOptions(tok, (str(shared_data / "corpus" / "lunyu.txt"),), out,
+                           TextPreparer(chunk_mb=0.008)))
     return out
 
 
 @pytest.fixture
 def alpaca(tok, shared_data, tmp_path) -> Path:
     out = tmp_path / "alpaca"
-    prepare(build_parser().parse_args([
-        "--sft", "--tokenizer", str(tok), "--input", str(shared_data / "sft" / "alpaca_zh_demo.json"),
-        "--output_dir", str(out), "--max_seq_length", "256"]))
+    prepare(PrepareOptions(tok, (str(shared_data / "sft" / "alpaca_zh_demo.json"),), out,
+                           SFTPreparer(max_seq_length=256)))
     return out
 
 
@@ -93,10 +93,11 @@ def test_resume_mid_epoch(lunyu):
     kw = dict(block_size=64, val_fraction=0.1, seed=3, rank=1, world_size=2)
     a = PackedBlocks(lunyu, **kw)
     it = a.batches(3)
-    for _ in range(len(a) // 3 - 2):
+    taken = len(a) // 3 - 2
+    for _ in range(taken):
         next(it)
     state = a.state_dict()
-    assert state["epoch"] == 0 and state["position"] > 0
+    assert taken > 0 and state["epoch"] == 0 and state["position"] == 3 * taken  # blocks drawn
     expected = [next(it)["tokens"] for _ in range(8)]  # runs into the next epoch
     assert a.state_dict()["epoch"] == 1
     b = PackedBlocks(lunyu, **{**kw, "rank": 0})

@@ -14,8 +14,9 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from data.datasets import TokenStream
-from data.prepare import build_parser, prepare
+from data.prepare import parse_options, prepare
 from data.shards import DataError
+from tests.helpers import CHINESE_LLAMA2_VOCAB, CHINESE_LLAMA_VOCAB
 from tokenizer.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 #   "chinese_llama2_hf": Chinese-LLaMA-2's published tokenizer (55,296 pieces), for use
 #             while tokenizer/merge.py is unavailable.
 REAL_TOKENIZER = "merged"
-VOCAB = {"merged": 49953, "chinese_llama2_hf": 55296}
+VOCAB = {"merged": CHINESE_LLAMA_VOCAB, "chinese_llama2_hf": CHINESE_LLAMA2_VOCAB}  # as published
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def tok(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(*args) -> dict:
     """data.prepare in this process (one worker unless told otherwise); meta.json's content."""
-    return prepare(build_parser().parse_args([str(a) for a in args]))
+    return prepare(parse_options([str(a) for a in args]))
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -84,7 +85,9 @@ def test_stream_is_sentencepiece_with_bos_eos_in_order(tok, shared_data, tmp_pat
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == VOCAB[REAL_TOKENIZER]
     assert meta["tokenizer"] == {"file": "tokenizer.model", "sha256": sha256_file(tok)}
     assert meta["special_ids"] == {"bos": 1, "eos": 2, "pad": sp.pad_id(), "unk": 0}
-    assert meta["num_documents"] == 1104 + 512 and meta["num_tokens"] == len(expected)
+    documents = sum(1 for f in corpus for line in f.read_text(encoding="utf-8").split("\n") if line.strip())
+    assert documents == 1104 + 512  # the files' lines, as SOURCES.md counts them
+    assert meta["num_documents"] == documents and meta["num_tokens"] == len(expected)
     assert meta["skipped"] == {} and len(meta["files"]) > 3
     assert meta["sources"] == [{"path": str(p), "bytes": p.stat().st_size} for p in corpus]
     assert sum(f["num_tokens"] for f in meta["files"]) == meta["num_tokens"]

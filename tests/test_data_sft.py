@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 
 from data.datasets import SFTDataset
-from data.prepare import build_parser, prepare
+from data.prepare import parse_options, prepare
 from data.sft import Record, encode_sample
 from data.shards import DataError
 from tokenizer.templates import TEMPLATES, format_prompt
@@ -29,7 +29,7 @@ def tok(shared_data: Path) -> Path:
 
 
 def run(*args) -> dict:
-    return prepare(build_parser().parse_args(["--sft", *map(str, args)]))
+    return prepare(parse_options(["--sft", *map(str, args)]))
 
 
 def test_templates_exact():
@@ -67,7 +67,8 @@ def test_prompt_lengths_and_eos_on_alpaca_zh(tok, shared_data, tmp_path, templat
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     data = SFTDataset(tmp_path / "s")
     assert meta["kind"] == "sft" and meta["options"]["template"] == template
-    assert meta["options"]["max_seq_length"] == limit and len(data.starts) == 1000
+    assert len(records) == 1000  # SOURCES.md: 1000 records, none with an empty output
+    assert meta["options"]["max_seq_length"] == limit and len(data.starts) == len(records)
     truncated = 0
     for i, r in enumerate(records):
         tokens, plen = data.sample(i)

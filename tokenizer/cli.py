@@ -18,14 +18,18 @@ one line on stderr and a non-zero exit status instead of a traceback:
   ZHLLAMA_TRACEBACK=1 in the environment the exception is raised as is instead.
 
 Argument errors come from `ArgumentParser`, whose `error()` prints one `error:` line too,
-and `type=` helpers (`positive_int`, …) that name the rule broken. It lives in `tokenizer`,
-the bottom layer, because every package has commands.
+and `type=` helpers (`positive_int`, …) that name the rule broken. A command run as
+`zhllama <command>` (train/cli.py) shows that name in its usage and help: the dispatcher
+calls the command's `main` inside `program_name("zhllama convert")`, so no command needs
+to know how it was started. It lives in `tokenizer`, the bottom layer, because every
+package has commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import errno
 import os
 import pickle
@@ -44,6 +48,9 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for Ctrl-C
 # errnos that are about the place written to, not about one file in it: without a file
 # name from the OS (a failed write() has none) the output path is the useful one to name.
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+# The name the running command goes by when a dispatcher started it (see program_name);
+# a context variable rather than a global, so that it ends with the dispatcher's block.
+_PROGRAM_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("program_name", default=None)
 
 
 class CommandError(Exception):
@@ -162,8 +169,33 @@ def interrupts_to_parent_only() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextlib.contextmanager
+def program_name(name: str) -> Iterator[None]:
+    """Inside the block, commands' parsers call themselves `name` (e.g. "zhllama convert").
+
+    Sub-parsers, whose names argparse builds from their parent's, keep theirs.
+    """
+    token = _PROGRAM_NAME.set(name)
+    try:
+        yield
+    finally:
+        _PROGRAM_NAME.reset(token)
+
+
+def shown_prog(default: str | None) -> str | None:
+    """The program name a parser shows: the one `program_name` set, else `default`."""
+    name = _PROGRAM_NAME.get()
+    if name is None or (default is not None and default.startswith(name)):
+        return default
+    return name
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its usage errors as one `error:` line (exit status 2, as argparse's)."""
+    """argparse, with its usage errors as one `error:` line (exit status 2, as argparse's),
+    named as `program_name` says when a dispatcher runs the command."""
+
+    def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, prog=shown_prog(prog), **kwargs)
 
     def error(self, message: str) -> NoReturn:
         _fail(f"error: {one_line(message)} (see {self.prog} --help)", 2)

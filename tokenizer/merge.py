@@ -43,7 +43,6 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -54,10 +53,41 @@ from .files import atomic_output_dir, check_output_against_inputs, sha256_file
 from .spm_io import load_sp, resolve_model_file
 
 PAD_PIECE = "<pad>"
+NEW_PIECE_SCORES = ("zero", "ranked")
 Piece = sp_pb2.ModelProto.SentencePiece
 # sentencepiece's split_digits treats ASCII and full-width digits as digits
 _DIGIT = re.compile(r"[0-9\uff10-\uff19]")
 _SPACE = "\u2581"
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """What to merge and which of the published merge's surprises to avoid (the command's
+    options; see the module docstring). The defaults give the published merge."""
+
+    llama_tokenizer_dir: Path  # LLaMA's tokenizer.model, or a directory holding it
+    chinese_sp_model_file: Path
+    output_dir: Path
+    new_piece_scores: str = "zero"  # or "ranked"
+    add_pad_token: bool = False
+    drop_digit_pieces: bool = False
+    drop_ascii_pieces: bool = False
+    drop_unreachable_pieces: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.new_piece_scores not in NEW_PIECE_SCORES:
+            raise ValueError(f"new_piece_scores {self.new_piece_scores!r}: choose from "
+                             f"{', '.join(NEW_PIECE_SCORES)}")
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> MergeOptions:
+        return cls(llama_tokenizer_dir=Path(a.llama_tokenizer_dir),
+                   chinese_sp_model_file=Path(a.chinese_sp_model_file),
+                   output_dir=Path(a.output_dir), new_piece_scores=a.new_piece_scores,
+                   add_pad_token=a.add_pad_token, drop_digit_pieces=a.drop_digit_pieces,
+                   drop_ascii_pieces=a.drop_ascii_pieces,
+                   drop_unreachable_pieces=a.drop_unreachable_pieces, overwrite=a.overwrite)
 
 
 @dataclass
@@ -118,7 +148,7 @@ def reachable_pieces(pieces: list[str]) -> set[str]:
     return ok
 
 
-def _keep(piece: str, opts: argparse.Namespace | Any, reachable: set[str], report: MergeReport) -> bool:
+def _keep(piece: str, opts: MergeOptions, reachable: set[str], report: MergeReport) -> bool:
     for flag, test, label in ((opts.drop_digit_pieces, has_digit, "digits"),
                               (opts.drop_ascii_pieces, is_ascii_only, "ascii_only"),
                               (opts.drop_unreachable_pieces, lambda p: p not in reachable, "unreachable")):
@@ -128,7 +158,8 @@ def _keep(piece: str, opts: argparse.Namespace | Any, reachable: set[str], repor
     return True
 
 
-def merge_protos(base: sp_pb2.ModelProto, chinese: sp_pb2.ModelProto, opts: Any) -> tuple[sp_pb2.ModelProto, MergeReport]:
+def merge_protos(base: sp_pb2.ModelProto, chinese: sp_pb2.ModelProto, opts: MergeOptions
+                 ) -> tuple[sp_pb2.ModelProto, MergeReport]:
     """The merged ModelProto and what happened (see the module docstring)."""
     merged = sp_pb2.ModelProto()
     merged.CopyFrom(base)
@@ -144,7 +175,7 @@ def merge_protos(base: sp_pb2.ModelProto, chinese: sp_pb2.ModelProto, opts: Any)
     # reachability is judged in the vocabulary as it would be with every candidate in it
     reachable = reachable_pieces([p.piece for p in base.pieces] + candidates)
     lowest = min((p.score for p in base.pieces if p.type == Piece.NORMAL), default=0.0)
-    report.new_piece_scores = getattr(opts, "new_piece_scores", "zero")
+    report.new_piece_scores = opts.new_piece_scores
     for piece in candidates:
         report.with_digits += has_digit(piece)
         report.ascii_only += is_ascii_only(piece)
@@ -224,8 +255,16 @@ def format_report(r: MergeReport) -> str:
     return "\n".join(lines)
 
 
-def merge(opts: Any) -> MergeReport:
-    """Run the merge described by the command-line options; write the output directory."""
+def merge(opts: MergeOptions) -> MergeReport:
+    """Merge the Chinese model into LLaMA's and write the output directory atomically.
+
+    Returns:
+        What the merge did (also saved in merge_manifest.json).
+
+    Raises:
+        ValueError: an input is not a sentencepiece model; FileExistsError: the output
+        exists (without `overwrite`); OSError: an input cannot be read.
+    """
     base_file = resolve_model_file(opts.llama_tokenizer_dir)
     chinese_file = resolve_model_file(opts.chinese_sp_model_file)
     out = Path(opts.output_dir)
@@ -243,7 +282,7 @@ def merge(opts: Any) -> MergeReport:
             "inputs": {"llama_tokenizer": {"file": base_file.name, "sha256": sha256_file(base_file)},
                        "chinese_sp_model": {"file": chinese_file.name, "sha256": sha256_file(chinese_file)}},
             "output": {"file": "tokenizer.model", "sha256": sha256_file(tmp / "tokenizer.model")},
-            "options": {k: getattr(opts, k, None) for k in (
+            "options": {k: getattr(opts, k) for k in (
                 "new_piece_scores", "add_pad_token", "drop_digit_pieces", "drop_ascii_pieces",
                 "drop_unreachable_pieces")},
             "report": report.__dict__,
@@ -259,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LLaMA's tokenizer.model, or a directory holding it")
     p.add_argument("--chinese_sp_model_file", required=True, help="the Chinese sentencepiece model")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--new_piece_scores", choices=("zero", "ranked"), default="zero",
+    p.add_argument("--new_piece_scores", choices=NEW_PIECE_SCORES, default="zero",
                    help="zero: the published merge (all appended pieces score 0); ranked: below "
                         "LLaMA's merges, in order (same ids; English never re-split; transformers "
                         "agrees with sentencepiece)")
@@ -276,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts = build_parser().parse_args(argv)
+    opts = MergeOptions.from_args(build_parser().parse_args(argv))
     with command_errors(output=opts.output_dir):
         report = merge(opts)
         print(format_report(report))

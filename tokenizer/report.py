@@ -114,7 +114,29 @@ def table(stats: list[Stats]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass(frozen=True)
+class ReportOptions:
+    """Which tokenizers to compare (the first is the reference) on which text."""
+
+    tokenizers: tuple[str, ...]  # sentencepiece models, or directories holding tokenizer.model
+    input: tuple[str, ...]  # UTF-8 text files
+    repeats: int = 5  # timing rounds; medians reported
+
+
+def report(opts: ReportOptions) -> str:
+    """The comparison as printed: what was read, then the markdown table.
+
+    Raises:
+        FileNotFoundError: a tokenizer or input is missing; ValueError: no text, or a file
+        that is not UTF-8 or not a sentencepiece model.
+    """
+    lines = read_lines(list(opts.input))
+    stats = measure(list(opts.tokenizers), lines, opts.repeats)
+    return (f"{len(lines):,} lines, {stats[0].chars:,} characters from {', '.join(opts.input)}\n\n"
+            + table(stats))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m tokenizer.report", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", action="append", required=True,
@@ -122,12 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
     p.add_argument("--repeats", type=positive_int, default=5,
                    help="timing rounds, tokenizers taking turns in each; medians reported (default 5)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    opts = ReportOptions(tokenizers=tuple(a.tokenizer), input=tuple(a.input), repeats=a.repeats)
     with command_errors():
-        lines = read_lines(a.input)
-        stats = measure(a.tokenizer, lines, a.repeats)
-        print(f"{len(lines):,} lines, {stats[0].chars:,} characters from {', '.join(a.input)}\n")
-        print(table(stats))
+        print(report(opts))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import argparse
 import glob
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sentencepiece as spm
@@ -35,7 +36,34 @@ from .cli import ArgumentParser, command_errors, non_negative_int, positive_int,
 from .files import atomic_output_files
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class TrainTokenizerOptions:
+    """What to train on and how (the command's options; see the module docstring)."""
+
+    input: tuple[str, ...]  # text files or globs, one sentence or document per line
+    model_prefix: Path  # writes PREFIX.model and PREFIX.vocab
+    vocab_size: int = 20000
+    model_type: str = "unigram"  # or "bpe"
+    character_coverage: float = 0.9995
+    input_sentence_size: int = 10_000_000  # lines sampled at most (0: all)
+    max_sentence_length: int = 16384  # longest line used, in bytes
+    num_threads: int = field(default_factory=default_threads)
+    overwrite: bool = False
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> TrainTokenizerOptions:
+        return cls(input=tuple(a.input), model_prefix=Path(a.model_prefix), vocab_size=a.vocab_size,
+                   model_type=a.model_type, character_coverage=a.character_coverage,
+                   input_sentence_size=a.input_sentence_size,
+                   max_sentence_length=a.max_sentence_length, num_threads=a.num_threads,
+                   overwrite=a.overwrite)
+
+
+def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
@@ -47,7 +75,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return files
 
 
-def trainer_options(a: argparse.Namespace, prefix: str, inputs: list[Path]) -> dict:
+def trainer_options(a: TrainTokenizerOptions, prefix: str, inputs: list[Path]) -> dict:
     return dict(
         input=",".join(map(str, inputs)), model_prefix=prefix, vocab_size=a.vocab_size,
         model_type=a.model_type, character_coverage=a.character_coverage,
@@ -59,8 +87,16 @@ def trainer_options(a: argparse.Namespace, prefix: str, inputs: list[Path]) -> d
     )
 
 
-def train(a: argparse.Namespace) -> Path:
-    """Train; return the path of the .model written."""
+def train(a: TrainTokenizerOptions) -> Path:
+    """Train the sentencepiece model and write PREFIX.model and PREFIX.vocab atomically.
+
+    Returns:
+        The path of the .model written.
+
+    Raises:
+        FileNotFoundError: an input is missing; FileExistsError: an output exists (without
+        `overwrite`); ValueError: an empty corpus, or settings sentencepiece refuses.
+    """
     prefix = Path(a.model_prefix)
     outputs = [prefix.with_name(prefix.name + ext) for ext in (".model", ".vocab")]
     inputs = expand_inputs(a.input)
@@ -74,7 +110,7 @@ def train(a: argparse.Namespace) -> Path:
     return outputs[0]
 
 
-def explain_trainer_error(e: RuntimeError, a: argparse.Namespace, inputs: list[Path]) -> str:
+def explain_trainer_error(e: RuntimeError, a: TrainTokenizerOptions, inputs: list[Path]) -> str:
     """sentencepiece's trainer errors, which quote its C++ checks, as the option to change.
 
     e.g. "Vocabulary size too high (5000). Please set it to a value <= 300." becomes
@@ -108,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_sentence_size", type=non_negative_int, default=10_000_000,
                    help="sample at most this many lines (0: all)")
     p.add_argument("--max_sentence_length", type=positive_int, default=16384, help="longest line used, in bytes")
-    p.add_argument("--num_threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--num_threads", type=positive_int, default=default_threads())
     p.add_argument("--overwrite", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
+    a = TrainTokenizerOptions.from_args(build_parser().parse_args(argv))
     with command_errors(output=a.model_prefix):
         model = train(a)
         sp = spm.SentencePieceProcessor(model_file=str(model))

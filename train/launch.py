@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from tokenizer.cli import command_errors, shown_prog
+
 
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -24,23 +26,24 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.run import get_args_parser, run
 
     parser = get_args_parser()
-    parser.prog, parser.description = "python -m train.launch", __doc__.split("\n\n")[0]
+    parser.prog, parser.description = shown_prog("python -m train.launch"), __doc__.split("\n\n")[0]
     args = parser.parse_args(argv)
     # torchrun's own log lines (the OMP_NUM_THREADS banner, "Sending closing signal",
     # "failed (exitcode: 1)") repeat what the workers say; keep them for real faults.
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        run(args)
-    except SignalException:
-        raise SystemExit(130) from None  # the workers said where the run can resume
-    except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
-        code = failure.exitcode
-        if code not in (1, 130):  # not an `error:` line of ours: a crash, a kill, a signal
-            how = f"signal {failure.signal_name()}" if code < 0 else f"exit code {code}"
-            print(f"error: rank {rank} ended with {how}", file=sys.stderr)
-        raise SystemExit(code if code > 0 else 1) from None
+    with command_errors():  # the launcher's own failures (a rendezvous, a port) in one line
+        try:
+            run(args)
+        except SignalException:
+            raise SystemExit(130) from None  # the workers said where the run can resume
+        except ChildFailedError as e:
+            rank, failure = min(e.failures.items())
+            code = failure.exitcode
+            if code not in (1, 130):  # not an `error:` line of ours: a crash, a kill, a signal
+                how = f"signal {failure.signal_name()}" if code < 0 else f"exit code {code}"
+                print(f"error: rank {rank} ended with {how}", file=sys.stderr)
+            raise SystemExit(code if code > 0 else 1) from None
 
 
 if __name__ == "__main__":

@@ -1,21 +1,21 @@
 """The whole Chinese-LLaMA recipe at toy scale, on the embedded corpus (`make demo`).
 
-    python -m train.recipe --workdir runs/demo [--overwrite]
+    zhllama demo --workdir runs/demo [--overwrite]        # or: python -m train.recipe
 
 Every step runs the same command a user would run on a real model, and leaves its output
 under --workdir:
    1. tokenizer/     an English "LLaMA" tokenizer (BPE, byte fallback, split digits)
    2. base-meta/     a tiny LLaMA, briefly trained on English, saved as Meta's 2 shards
-   3. zh-sp/         a Chinese sentencepiece model              (python -m tokenizer.train)
-   4. merged/        the merged vocabulary + pad token           (python -m tokenizer.merge)
-   5. base-zh/       embeddings grown, sub-token initialised      (python -m model.resize)
-   6. tokens/, sft/  pre-tokenized shards                         (python -m data.prepare)
-   7. stage1/        embeddings trained, transformer frozen       (train/pretrain.py)
-   8. stage2/        LoRA + embeddings                            (train/pretrain.py)
-   9. pretrained/    stage 2's adapter merged                     (python -m model.merge_lora)
-  10. sft/           instruction tuning with LoRA                 (train/sft.py)
+   3. zh-sp/         a Chinese sentencepiece model              (zhllama train-tokenizer)
+   4. merged/        the merged vocabulary + pad token           (zhllama merge-tokenizer)
+   5. base-zh/       embeddings grown, sub-token initialised      (zhllama resize)
+   6. tokens/, sft/  pre-tokenized shards                         (zhllama prepare)
+   7. stage1/        embeddings trained, transformer frozen       (zhllama pretrain)
+   8. stage2/        LoRA + embeddings                            (zhllama pretrain)
+   9. pretrained/    stage 2's adapter merged                     (zhllama merge-lora)
+  10. sft/           instruction tuning with LoRA                 (zhllama sft)
   11. final-*        merged and exported: Hugging Face, Meta .pth, GGUF
-  12. generation     with the instruction template                (python -m model.generate)
+  12. generation     with the instruction template                (zhllama generate)
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from data.toy import chinese_documents, english_documents
 from tokenizer.cli import INTERRUPTED_EXIT, ArgumentParser, CommandError, command_errors
+from train.cli import command_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
@@ -39,9 +38,9 @@ def step(n: int, text: str) -> None:
     print(f"[{n:2d}/12] {text}", flush=True)
 
 
-def python(*args: str, quiet: bool = True) -> str:
-    """Run one of the project's commands as its own process, as a user would."""
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+def zhllama(*args: str) -> str:
+    """Run `zhllama ARGS` as its own process, as a user would; return what it printed."""
+    r = subprocess.run(command_line(*args), capture_output=True, text=True)
     if r.returncode == INTERRUPTED_EXIT:
         raise KeyboardInterrupt
     if r.returncode:
@@ -49,7 +48,7 @@ def python(*args: str, quiet: bool = True) -> str:
         lines = [l.strip() for l in r.stderr.splitlines() if l.strip()]
         said = [l[len("error:"):].strip() for l in lines if l.startswith("error:")]
         detail = said[-1] if said else lines[-1] if lines else f"exit status {r.returncode}"
-        raise CommandError(f"`{' '.join(args[:2])} …` failed: {detail}")
+        raise CommandError(f"`zhllama {args[0]} …` failed: {detail}")
     return r.stdout
 
 
@@ -75,7 +74,7 @@ def english_base(work: Path, files: dict[str, Path]) -> None:
     """Steps 1–2: a small English LLaMA that stands in for Meta's checkpoint."""
     import sentencepiece as spm
 
-    from model.checkpoint import from_state_dict
+    from model.source import from_state_dict
     from model.formats import write_meta, write_model_dir
     from model.llama import build_model, named_args
 
@@ -88,12 +87,12 @@ def english_base(work: Path, files: dict[str, Path]) -> None:
     args = named_args("tiny", vocab_size=600, dim=128, n_layers=4, max_seq_len=512)
     write_model_dir(from_state_dict(build_model(args).state_dict(), args, tok), work / "random",
                     progress=False)
-    python("-m", "data.prepare", "--tokenizer", str(tok), "--input", str(files["en"]),
-           "--output_dir", str(work / "en-tokens"), "--num_workers", "1")
-    python(str(Path(__file__).parent / "pretrain.py"), str(CONFIGS / "stage1.yaml"), "--stage=full",
-           f"--model.path={work / 'random'}", f"--data.path={work / 'en-tokens'}",
-           f"--output_dir={work / 'en-train'}", "--optim.max_steps=150", "--optim.lr=3e-3",
-           "--checkpoint.every=0", "--log.eval_every=0")
+    zhllama("prepare", "--tokenizer", str(tok), "--input", str(files["en"]),
+            "--output_dir", str(work / "en-tokens"), "--num_workers", "1")
+    zhllama("pretrain", str(CONFIGS / "stage1.yaml"), "--stage=full",
+            f"--model.path={work / 'random'}", f"--data.path={work / 'en-tokens'}",
+            f"--output_dir={work / 'en-train'}", "--optim.max_steps=150", "--optim.lr=3e-3",
+            "--checkpoint.every=0", "--log.eval_every=0")
     from model.formats import read_checkpoint
 
     write_meta(read_checkpoint(work / "en-train" / "model"), work / "base-meta", n_shards=2,
@@ -102,58 +101,58 @@ def english_base(work: Path, files: dict[str, Path]) -> None:
 
 def chinese_vocabulary(work: Path, files: dict[str, Path]) -> None:
     """Steps 3–5: train, merge, resize."""
-    python("-m", "tokenizer.train", "--input", str(files["zh"]), "--model_prefix",
-           str(work / "zh-sp" / "chinese_sp"), "--vocab_size", "200", "--num_threads", "1")
-    out = python("-m", "tokenizer.merge", "--llama_tokenizer_dir", str(work / "tokenizer"),
-                 "--chinese_sp_model_file", str(work / "zh-sp" / "chinese_sp.model"),
-                 "--output_dir", str(work / "merged"), "--add_pad_token")
+    zhllama("train-tokenizer", "--input", str(files["zh"]), "--model_prefix",
+            str(work / "zh-sp" / "chinese_sp"), "--vocab_size", "200", "--num_threads", "1")
+    out = zhllama("merge-tokenizer", "--llama_tokenizer_dir", str(work / "tokenizer"),
+                  "--chinese_sp_model_file", str(work / "zh-sp" / "chinese_sp.model"),
+                  "--output_dir", str(work / "merged"), "--add_pad_token")
     print("        " + out.strip().splitlines()[1])
-    python("-m", "model.convert", str(work / "base-meta"), str(work / "base"), "--to", "zhllama",
-           "--no_progress")
-    python("-m", "model.resize", str(work / "base"), "--tokenizer", str(work / "merged"),
-           "--output", str(work / "base-zh"), "--init", "subtoken", "--no_progress")
+    zhllama("convert", str(work / "base-meta"), str(work / "base"), "--to", "zhllama",
+            "--no_progress")
+    zhllama("resize", str(work / "base"), "--tokenizer", str(work / "merged"),
+            "--output", str(work / "base-zh"), "--init", "subtoken", "--no_progress")
 
 
 def train_stages(work: Path, files: dict[str, Path]) -> None:
     """Steps 6–10: data, stage 1, stage 2 (merged), SFT."""
     tok = str(work / "merged")
-    python("-m", "data.prepare", "--tokenizer", tok, "--input", str(files["zh"]), "--output_dir",
-           str(work / "tokens"), "--num_workers", "1")
-    python("-m", "data.prepare", "--sft", "--tokenizer", tok, "--input", str(files["sft"]),
-           "--output_dir", str(work / "sft-data"), "--max_seq_length", "256", "--num_workers", "1")
+    zhllama("prepare", "--tokenizer", tok, "--input", str(files["zh"]), "--output_dir",
+            str(work / "tokens"), "--num_workers", "1")
+    zhllama("prepare", "--sft", "--tokenizer", tok, "--input", str(files["sft"]),
+            "--output_dir", str(work / "sft-data"), "--max_seq_length", "256", "--num_workers", "1")
     step(7, "stage 1: embeddings")
-    python(str(Path(__file__).parent / "pretrain.py"), str(CONFIGS / "stage1.yaml"),
-           f"--model.path={work / 'base-zh'}", f"--data.path={work / 'tokens'}",
-           f"--output_dir={work / 'stage1'}")
+    zhllama("pretrain", str(CONFIGS / "stage1.yaml"),
+            f"--model.path={work / 'base-zh'}", f"--data.path={work / 'tokens'}",
+            f"--output_dir={work / 'stage1'}")
     step(8, "stage 2: LoRA + embeddings")
-    python(str(Path(__file__).parent / "pretrain.py"), str(CONFIGS / "stage2.yaml"),
-           f"--model.path={work / 'stage1' / 'model'}", f"--data.path={work / 'tokens'}",
-           f"--output_dir={work / 'stage2'}")
+    zhllama("pretrain", str(CONFIGS / "stage2.yaml"),
+            f"--model.path={work / 'stage1' / 'model'}", f"--data.path={work / 'tokens'}",
+            f"--output_dir={work / 'stage2'}")
     step(9, "merge stage 2's adapter")
-    python("-m", "model.merge_lora", "--base_model", str(work / "stage1" / "model"), "--lora_model",
-           str(work / "stage2" / "adapter"), "--output_type", "zhllama", "--output_dir",
-           str(work / "pretrained"), "--no_progress")
+    zhllama("merge-lora", "--base_model", str(work / "stage1" / "model"), "--lora_model",
+            str(work / "stage2" / "adapter"), "--output_type", "zhllama", "--output_dir",
+            str(work / "pretrained"), "--no_progress")
     step(10, "instruction tuning (LoRA)")
-    python(str(Path(__file__).parent / "sft.py"), str(CONFIGS / "sft.yaml"),
-           f"--model.path={work / 'pretrained'}", f"--data.path={work / 'sft-data'}",
-           f"--output_dir={work / 'sft'}")
+    zhllama("sft", str(CONFIGS / "sft.yaml"),
+            f"--model.path={work / 'pretrained'}", f"--data.path={work / 'sft-data'}",
+            f"--output_dir={work / 'sft'}")
 
 
 def ship(work: Path) -> None:
     """Step 11: merge the SFT adapter and export everywhere."""
     adapter = str(work / "sft" / "adapter")
     for out_type, out in (("zhllama", "final"), ("huggingface", "final-hf"), ("pth", "final-meta")):
-        python("-m", "model.merge_lora", "--base_model", str(work / "pretrained"), "--lora_model",
-               adapter, "--output_type", out_type, "--output_dir", str(work / out),
-               "--shards", "2" if out_type == "pth" else "1", "--pad_vocab_to_multiple_of", "64",
-               "--no_progress")
+        zhllama("merge-lora", "--base_model", str(work / "pretrained"), "--lora_model",
+                adapter, "--output_type", out_type, "--output_dir", str(work / out),
+                "--shards", "2" if out_type == "pth" else "1", "--pad_vocab_to_multiple_of", "64",
+                "--no_progress")
     try:
         import gguf  # noqa: F401
     except ImportError:
         print("        (gguf not installed: skipping the GGUF export; pip install 'zhllama[gguf]')")
         return
-    python("-m", "model.convert", str(work / "final"), str(work / "final.gguf"), "--to", "gguf",
-           "--dtype", "f32", "--no_progress")
+    zhllama("convert", str(work / "final"), str(work / "final.gguf"), "--to", "gguf",
+            "--dtype", "f32", "--no_progress")
 
 
 def losses(run_dir: Path) -> str:
@@ -181,8 +180,8 @@ def run(work: Path, overwrite: bool = False) -> None:
           f"SFT {losses(work / 'sft')}")
     step(11, "merged and exported: Hugging Face, Meta .pth (2 shards), GGUF")
     ship(work)
-    out = python("-m", "model.generate", str(work / "final"), "--template", "cla_v1", "--prompt",
-                 "请续写：有一天，小明在", "--temperature", "0", "--max_new_tokens", "40")
+    out = zhllama("generate", str(work / "final"), "--template", "cla_v1", "--prompt",
+                  "请续写：有一天，小明在", "--temperature", "0", "--max_new_tokens", "40")
     step(12, f"generation: {out.strip()!r}")
     print(f"done in {time.perf_counter() - t0:.0f} s; everything is under {work}")
 
