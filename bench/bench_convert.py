@@ -40,7 +40,7 @@ def make_meta_checkpoint(out: Path, gb: float, n_shards: int = 2) -> int:
     """A random bf16 Meta checkpoint of LLaMA shape (dim 2048) with about `gb` GB."""
     from model.formats.meta import split_dim
     from model.llama import ModelArgs
-    from model.checkpoint import expected_shapes
+    from model.source import expected_shapes
 
     per_layer = (4 * 2048 * 2048 + 3 * 2048 * 5632) * 2
     n_layers = max(1, round((gb * 1e9 - 2 * 32000 * 2048 * 2) / per_layer))

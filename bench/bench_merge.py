@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_convert import make_meta_checkpoint  # noqa: E402
 
-from model.checkpoint import expected_shapes  # noqa: E402
 from model.formats.hf import canonical_to_hf_name  # noqa: E402
 from model.llama import ModelArgs  # noqa: E402
+from model.source import expected_shapes  # noqa: E402
 
 CHILD = """
 import json, sys, time

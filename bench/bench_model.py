@@ -26,8 +26,8 @@ from memory import peak_rss_bytes, reset_peak, rss_bytes  # noqa: E402
 
 
 def _build(which: str, hf_dir: Path):
-    from model.checkpoint import load_model
     from model.formats import read_checkpoint
+    from model.source import load_model
 
     if which.startswith("ours"):
         return load_model(read_checkpoint(hf_dir, progress=False))
@@ -82,9 +82,9 @@ def main() -> None:
         print(json.dumps(worker(a.worker, Path(a.hf_dir), a.batch, a.seq, a.steps, a.vocab)))
         return
 
-    from model.checkpoint import from_state_dict
     from model.formats import write_hf
     from model.llama import ModelArgs, build_model
+    from model.source import from_state_dict
 
     args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
                      vocab_size=a.vocab, max_seq_len=max(a.seq, 2048))

@@ -33,12 +33,12 @@ from tokenizer.files import atomic_output_dir, sha256_file
 from tokenizer.schema import Field, check_fields
 from tokenizer.spm_io import load_sp
 
-from .checkpoint import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
 from .formats.hf import canonical_to_hf_name, hf_to_canonical_name, permute_from_hf, permute_to_hf
 from .llama import ModelArgs, ffn_hidden_dim
 from .lora import (
     ADAPTER_CONFIG, ADAPTER_FIELDS, ADAPTER_WEIGHTS, TARGET_ALIASES, check_rank, read_adapter_config,
 )
+from .source import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
 from .tensor_io import FormatError, TensorSpec, open_safetensors, read_json, safe_torch_load
 
 _PEFT_PREFIX = "base_model.model."

@@ -22,9 +22,9 @@ from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import Inputs, check_output_against_inputs
 from tokenizer.templates import TEMPLATES
 
-from .checkpoint import Checkpoint, check_tokenizer_rows, pad_vocab, with_dtype
 from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
 from .formats.gguf import write_gguf
+from .source import Checkpoint, check_tokenizer_rows, pad_vocab, with_dtype
 from .tensor_io import parse_dtype, return_freed_memory_promptly
 
 TARGETS = ("zhllama", "hf", "meta", "gguf")

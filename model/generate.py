@@ -33,10 +33,10 @@ from tokenizer.cli import (ArgumentParser, command_errors, non_negative_float, p
 from tokenizer.spm_io import load_sp
 from tokenizer.templates import TEMPLATES, format_prompt
 
-from .checkpoint import Checkpoint, check_tokenizer_rows, load_model
 from .formats import read_checkpoint
 from .llama import KVCache, Transformer
 from .merge_lora import merge
+from .source import Checkpoint, check_tokenizer_rows, load_model
 from .tensor_io import FormatError, parse_dtype
 
 

@@ -7,7 +7,7 @@ with A (r, in) random and B (out, r) zero, so training starts exactly at the bas
 The API: `apply_lora` swaps named projections for LoRA ones, `mark_trainable` freezes
 everything but LoRA and the `modules_to_save` (for Chinese-LLaMA: the grown embeddings and
 output layer), `save_adapter` / `load_adapter` write and read the trainable tensors only,
-`merge_lora` folds B·A into W.
+`fold_lora` folds B·A into W.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from tokenizer.files import atomic_output_dir, sha256_file
 from tokenizer.schema import Field, check_fields
 from tokenizer.templates import TEMPLATES
 
-from .checkpoint import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
 from .llama import PARAMS_FIELDS
+from .source import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
 from .tensor_io import FormatError, read_json
 
 # Users' configs come from PEFT, which names modules after Hugging Face's Llama.
@@ -209,7 +209,7 @@ def save_adapter(
 
     Args:
         base: the checkpoint the adapter was trained on. When given, a hash of a few of
-            its tensors is recorded (`model.checkpoint.tensor_fingerprint`), and its
+            its tensors is recorded (`model.source.tensor_fingerprint`), and its
             parameters and tokenizer hash where not given, so that merging refuses another
             base. Reads two small tensors; nothing when None.
         template: the SFT template the adapter was tuned with (a name in
@@ -326,7 +326,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
     return config
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def fold_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its weight and put plain nn.Linear layers back."""
     for name, module in list(lora_modules(model)):
         module.merge()
@@ -345,6 +345,6 @@ def init_lora_parameters(model: nn.Module) -> None:
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "apply_lora", "mark_trainable", "adapter_state_dict",
-    "save_adapter", "read_adapter", "load_adapter", "merge_lora", "init_lora_parameters",
+    "save_adapter", "read_adapter", "load_adapter", "fold_lora", "init_lora_parameters",
     "canonical_target",
 ]

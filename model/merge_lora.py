@@ -30,9 +30,9 @@ from tokenizer.spm_io import load_sp
 from tokenizer.templates import TEMPLATES
 
 from .adapters import merge_adapter, read_adapter_weights
-from .checkpoint import Checkpoint
 from .convert import GGUF_DTYPES, size_option, write
 from .formats import read_checkpoint
+from .source import Checkpoint
 from .tensor_io import FormatError, return_freed_memory_promptly
 
 OUTPUT_TYPES = {"zhllama": "zhllama", "huggingface": "hf", "hf": "hf", "pth": "meta",

@@ -30,9 +30,9 @@ from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import check_output_against_inputs
 from tokenizer.spm_io import load_sp, resolve_model_file
 
-from .checkpoint import Checkpoint, check_tokenizer_rows, pad_vocab
 from .formats import read_checkpoint, write_model_dir
 from .llama import Transformer
+from .source import Checkpoint, check_tokenizer_rows, pad_vocab
 from .tensor_io import FormatError, TensorSpec, return_freed_memory_promptly
 
 INITS = ("subtoken", "mean", "normal")

@@ -14,12 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from model.checkpoint import from_state_dict, load_model
 from model.formats import read_checkpoint, write_hf, write_model_dir
 from model.formats.gguf import gguf_name
 from model.formats.hf import canonical_to_hf_name, permute_from_hf
 from model.llama import named_args
 from model.lora import LoRAConfig, LoRALinear, adapter_state_dict, apply_lora, save_adapter
+from model.source import from_state_dict, load_model
 from tests.conftest import random_model
 
 transformers = pytest.importorskip("transformers")

@@ -99,9 +99,9 @@ def test_template_wraps_the_instruction_and_prints_the_response(shared_data, tmp
 
     import sentencepiece as spm
 
-    from model.checkpoint import load_model
     from model.convert import convert
     from model.formats import read_checkpoint
+    from model.source import load_model
     from tokenizer.templates import format_prompt
 
     src = shared_data / "models" / "stories260K"
@@ -124,9 +124,9 @@ def llama_vocab_model(tmp_path_factory):
     English prompt whose greedy continuation starts with a ▁ piece (the space at stake)."""
     import sentencepiece as spm
 
-    from model.checkpoint import from_state_dict
     from model.convert import convert
     from model.formats import write_model_dir
+    from model.source import from_state_dict
     from tests.conftest import SHARED_DATA, require_shared
 
     tok = SHARED_DATA / "tokenizers" / "llama_tokenizer.model"
@@ -156,9 +156,9 @@ def greedy_continuation(model, sp, text: str, n: int, template: str | None = Non
 
 @pytest.mark.parametrize("prompt", ["The cat", "我爱北京天安门，"])
 def test_printed_text_is_prompt_and_continuation_decoded_together(llama_vocab_model, prompt, capsys):
-    from model.checkpoint import load_model
     from model.formats import read_checkpoint
     from model.generate import main
+    from model.source import load_model
 
     model_dir, hf_dir, sp = llama_vocab_model
     hf = transformers.AutoTokenizer.from_pretrained(hf_dir)

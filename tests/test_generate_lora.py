@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from model.adapters import merge_adapter, read_adapter_weights, write_peft_adapter
-from model.checkpoint import from_state_dict, load_model
 from model.formats import read_checkpoint, write_model_dir
 from model.generate import SamplingConfig, generate_ids, main, open_model
 from model.llama import named_args
 from model.lora import LoRAConfig, LoRALinear, adapter_state_dict, apply_lora, save_adapter
 from model.merge_lora import main as merge_main
+from model.source import from_state_dict, load_model
 from tests.conftest import SHARED_DATA, random_model, require_shared
 
 PROMPT = "Once upon a time"

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import from_state_dict
 from model.formats import write_hf
 from model.llama import (
     KVCache, ModelArgs, apply_rope, build_model, ffn_hidden_dim, ffn_params_for, named_args,
     num_params, rope_cos_sin,
 )
+from model.source import from_state_dict
 from tests.conftest import random_model
 
 

@@ -11,9 +11,9 @@ from typing import Optional
 import pytest
 import torch
 
-from model.checkpoint import from_state_dict
 from model.formats import read_checkpoint, write_meta
 from model.llama import named_args
+from model.source import from_state_dict
 from tests.conftest import random_model
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from data.shards import DataError, check_fits_vocab, check_tokenizer, read_meta
-from model.checkpoint import Checkpoint, check_tokenizer_rows
+from model.source import Checkpoint, check_tokenizer_rows
 from train.config import ConfigError
 
 # Which script trains on which kind of token directory (meta.json's "kind").

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from model.adapters import AdapterWeights, merge_adapter, read_adapter_weights
-from model.checkpoint import Checkpoint
 from model.lora import LoRAConfig
+from model.source import Checkpoint
 
 from .config import LORA_DEFAULTS, ConfigError, LoRASection
 

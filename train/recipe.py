@@ -74,9 +74,9 @@ def english_base(work: Path, files: dict[str, Path]) -> None:
     """Steps 1–2: a small English LLaMA that stands in for Meta's checkpoint."""
     import sentencepiece as spm
 
-    from model.source import from_state_dict
     from model.formats import write_meta, write_model_dir
     from model.llama import build_model, named_args
+    from model.source import from_state_dict
 
     (work / "tokenizer").mkdir()
     spm.SentencePieceTrainer.train(

@@ -1,6 +1,6 @@
 """Readers and writers of the checkpoint formats users own.
 
-Readers return a `model.checkpoint.Checkpoint` (canonical names, Meta rotary layout);
+Readers return a `model.source.Checkpoint` (canonical names, Meta rotary layout);
 writers take one. `read_checkpoint` detects the format of a path.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..source import Checkpoint
 from ..tensor_io import FormatError
 from .hf import WEIGHT_FILES, read_hf, write_hf
 from .llama2c import looks_like_llama2c, read_llama2c

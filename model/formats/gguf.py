@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from tokenizer.files import Inputs, atomic_output_file
 
-from ..checkpoint import Checkpoint
+from ..source import Checkpoint
 from ..tensor_io import FormatError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")

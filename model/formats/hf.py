@@ -19,8 +19,8 @@ from tokenizer.files import Inputs, atomic_output_dir
 from tokenizer.hf_files import special_tokens, write_hf_tokenizer_files
 from tokenizer.schema import Field, check_fields
 
-from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs, ffn_params_for
+from ..source import Checkpoint, check_specs
 from ..tensor_io import (
     FormatError, Reopening, TensorSpec, open_safetensors, read_json, read_weight_index,
     safe_torch_load, write_sharded_safetensors,

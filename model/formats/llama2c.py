@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs, ffn_params_for
+from ..source import Checkpoint, check_specs
 from ..tensor_io import FormatError, TensorSpec
 
 MAGIC = 0x616B3432  # "ak42" read as a little-endian int32

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from tokenizer.files import Inputs, atomic_output_dir
 from tokenizer.schema import check_fields
 
-from ..checkpoint import Checkpoint, check_specs
 from ..llama import PARAMS_FIELDS, ModelArgs
+from ..source import Checkpoint, check_specs
 from ..tensor_io import FormatError, Reopening, TensorSpec, read_json, safe_torch_load
 from .progress import tensor_progress
 

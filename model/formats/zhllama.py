@@ -22,8 +22,8 @@ from tokenizer.files import Inputs, atomic_output_dir, sha256_file
 from tokenizer.schema import Field, check_fields
 from tokenizer.templates import TEMPLATES
 
-from ..checkpoint import Checkpoint, check_specs
 from ..llama import ModelArgs
+from ..source import Checkpoint, check_specs
 from ..tensor_io import (
     FormatError, Reopening, TensorSpec, open_safetensors, read_json, read_weight_index,
     write_sharded_safetensors,

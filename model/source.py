@@ -1,4 +1,5 @@
-"""A checkpoint being converted: its arguments, its tensors' specs, and a way to fetch each.
+"""A conversion source: a checkpoint read lazily — its arguments, its tensors' specs, and
+a way to fetch each.
 
 Every reader in `model/formats/` returns a `Checkpoint` whose tensors carry the canonical
 (Meta) names and Meta's rotary layout; every writer consumes one. Tensors are fetched one
