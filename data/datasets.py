@@ -16,9 +16,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .shards import DataError, open_tokens, read_index, read_meta
+from tokenizer.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+from .shards import DataError, open_tokens, read_index, read_meta
 
 
 class TokenStream:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from tokenizer.labels import IGNORE_INDEX
 
 
 def linear_cross_entropy_reference(
