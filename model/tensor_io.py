@@ -29,11 +29,14 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
+DTYPES_BY_SAFETENSORS_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+# What a user may call the dtypes a model is stored in (--dtype, model.dtype, ...).
 DTYPES_BY_NAME = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
+MODEL_DTYPES = frozenset(DTYPES_BY_NAME.values())
 
 
 class FormatError(ValueError):
@@ -94,6 +97,23 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in DTYPES_BY_NAME:
         raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
     return DTYPES_BY_NAME[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 → 'bfloat16': how manifests and Hugging Face's config.json spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def safetensors_dtype(name: str, allowed: Iterable[torch.dtype], file: Path, tensor: str) -> torch.dtype:
+    """The torch dtype a safetensors header's dtype `name` stands for, if one of `allowed`.
+
+    Raises:
+        FormatError: naming the file, the tensor and the dtype.
+    """
+    dtype = DTYPES_BY_SAFETENSORS_NAME.get(name)
+    if dtype is None or dtype not in allowed:
+        raise FormatError(f"{file}: tensor {tensor} has unsupported dtype {name}")
+    return dtype
 
 
 def _header(specs: dict[str, TensorSpec], metadata: dict[str, str] | None) -> bytes:

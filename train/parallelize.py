@@ -16,9 +16,10 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from model.tensor_io import parse_dtype
+
 from .config import ParallelConfig
 
-PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The model's methods besides `forward` that run it (the trainer's loss and evaluation):
 # FSDP hooks only `forward`, so these are registered to gather the root's parameters.
 FORWARD_METHODS = ("loss", "eval_stats")
@@ -59,7 +60,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: str) -> None:
     around each of `FORWARD_METHODS` (the output weight is used inside `loss`, for its
     chunks, never on returned logits).
     """
-    policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[precision], reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=parse_dtype(precision), reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

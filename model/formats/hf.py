@@ -22,8 +22,8 @@ from tokenizer.schema import Field, check_fields
 from ..llama import ModelArgs, ffn_params_for
 from ..source import Checkpoint, check_specs
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, open_safetensors, read_json, read_weight_index,
-    safe_torch_load, write_sharded_safetensors,
+    SAFETENSORS_DTYPES, FormatError, Reopening, TensorSpec, dtype_name, open_safetensors,
+    read_json, read_weight_index, safe_torch_load, safetensors_dtype, write_sharded_safetensors,
 )
 from .progress import tensor_progress
 
@@ -50,6 +50,8 @@ _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
+# Hugging Face checkpoints come in any floating dtype, float64 included.
+_FLOAT_DTYPES = frozenset(d for d in SAFETENSORS_DTYPES if d.is_floating_point)
 
 
 def hf_to_canonical_name(name: str) -> str | None:
@@ -192,7 +194,9 @@ class _HFFiles:
             t = handle[hf_name]
             return TensorSpec(tuple(t.shape), t.dtype)
         sl = handle.get_slice(hf_name)
-        return TensorSpec(tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+        dtype = safetensors_dtype(sl.get_dtype(), _FLOAT_DTYPES, self.path / self.weight_map[hf_name],
+                                  hf_name)
+        return TensorSpec(tuple(sl.get_shape()), dtype)
 
     def get(self, hf_name: str) -> torch.Tensor:
         opener = self._files[self.weight_map[hf_name]]
@@ -203,13 +207,6 @@ class _HFFiles:
             raise FormatError(f"{self.path / self.weight_map[hf_name]}: cannot read {hf_name} ({e})") from None
         opener.account(t.nbytes)
         return t
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    if name not in table:
-        raise FormatError(f"unsupported tensor dtype {name}")
-    return table[name]
 
 
 def read_hf(path: str | Path) -> Checkpoint:
@@ -240,9 +237,6 @@ def read_hf(path: str | Path) -> Checkpoint:
 
     tokenizer = path / "tokenizer.model"
     return Checkpoint("hf", path, args, specs, get, tokenizer if tokenizer.exists() else None)
-
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, tokenizer: Path | None) -> dict[str, Any]:
@@ -276,8 +270,8 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, tokenizer: Path | None) -> di
         "bos_token_id": token_id.get("bos", 1),
         "eos_token_id": token_id.get("eos", 2),
         "pad_token_id": token_id.get("pad"),
-        "torch_dtype": _DTYPE_NAMES[dtype],
-        "dtype": _DTYPE_NAMES[dtype],
+        "torch_dtype": dtype_name(dtype),
+        "dtype": dtype_name(dtype),
     }
 
 

@@ -25,15 +25,14 @@ from tokenizer.templates import TEMPLATES
 from ..llama import ModelArgs
 from ..source import Checkpoint, check_specs
 from ..tensor_io import (
-    FormatError, Reopening, TensorSpec, open_safetensors, read_json, read_weight_index,
-    write_sharded_safetensors,
+    MODEL_DTYPES, FormatError, Reopening, TensorSpec, dtype_name, open_safetensors, read_json,
+    read_weight_index, safetensors_dtype, write_sharded_safetensors,
 )
 from .meta import read_params
 from .progress import tensor_progress
 
 FORMAT_VERSION = 1
 MANIFEST = "zhllama.json"
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # The manifest keys a reader uses; the others only describe the directory to a person.
 MANIFEST_FIELDS = {"template": Field("string", choices=tuple(TEMPLATES), required=False,
                                      nullable=True)}
@@ -86,10 +85,8 @@ def read_model_dir(path: str | Path) -> Checkpoint:
     specs = {}
     for name, fname in weight_map.items():
         sl = files[fname].get().get_slice(name)
-        dtype = sl.get_dtype()
-        if dtype not in _ST_DTYPES:
-            raise FormatError(f"{path / fname}: tensor {name} has unsupported dtype {dtype}")
-        specs[name] = TensorSpec(tuple(sl.get_shape()), _ST_DTYPES[dtype])
+        dtype = safetensors_dtype(sl.get_dtype(), MODEL_DTYPES, path / fname, name)
+        specs[name] = TensorSpec(tuple(sl.get_shape()), dtype)
     specs = check_specs(specs, args, path, declared="params.json n_layers")
 
     def get(name: str) -> torch.Tensor:
@@ -123,7 +120,7 @@ def write_model_dir(
     manifest = {
         "format": "zhllama-model",
         "format_version": FORMAT_VERSION,
-        "dtype": str(ckpt.main_dtype()).removeprefix("torch."),
+        "dtype": dtype_name(ckpt.main_dtype()),
         "num_params": sum(int(torch.Size(s.shape).numel()) for s in ckpt.specs.values()),
         "tokenizer_sha256": sha256_file(ckpt.tokenizer) if ckpt.tokenizer else None,
         "source": {"format": ckpt.format, "name": ckpt.path.name if ckpt.path else None},
