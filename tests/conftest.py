@@ -1,15 +1,15 @@
-"""Shared test fixtures: where the real test material lives, and tiny models."""
+"""Shared test fixtures: where the real test material lives, and tiny models.
+
+The session fixtures (the real material, stories260K converted once, the training tests'
+toy world) live in tests/helpers.py and are registered here by importing them.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# The real test material (tokenizers, corpus, stories260K) lies beside the checkout.
-SHARED_DATA = Path(os.environ.get("ZHLLAMA_SHARED_DATA", REPO.parent / "shared" / "data"))
+from tests.helpers import REPO, SHARED_DATA, require_shared  # noqa: F401  (imported by tests)
+from tests.helpers import shared_data, stories260k, world  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(autouse=True)
@@ -17,25 +17,6 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never reach a hub: every reference is loaded from local files.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-def require_shared(*paths: Path) -> None:
-    """Skip the test when some real test material is absent, or fail with
-    ZHLLAMA_REQUIRE_SHARED_DATA=1 (so a CI that has the files cannot pass by skipping)."""
-    missing = [str(p) for p in (paths or (SHARED_DATA,)) if not p.exists()]
-    if not missing:
-        return
-    message = f"real test material not found: {', '.join(missing)}"
-    if os.environ.get("ZHLLAMA_REQUIRE_SHARED_DATA") == "1":
-        pytest.fail(message + " (ZHLLAMA_REQUIRE_SHARED_DATA=1)")
-    pytest.skip(message)
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    """The real test material; tests that use it skip cleanly when it is absent."""
-    require_shared(SHARED_DATA)
-    return SHARED_DATA
 
 
 def random_model(args, seed: int = 0, std: float = 0.1):

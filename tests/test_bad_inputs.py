@@ -25,15 +25,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, SHARED_DATA, random_model
-
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="real test material not found")
+from tests.conftest import random_model
+from tests.helpers import REPO, SHARED_DATA, require_shared
 
 TOK = SHARED_DATA / "models" / "stories260K" / "tok512.model"  # 512 pieces, the tiny models' vocabulary
 ZH_SP = SHARED_DATA / "tokenizers" / "chinese_sp.model"
 LUNYU = SHARED_DATA / "corpus" / "lunyu.txt"
 ALPACA = SHARED_DATA / "sft" / "alpaca_zh_demo.json"
 STORIES = SHARED_DATA / "models" / "stories260K" / "stories260K.bin"
+CMRC = SHARED_DATA / "corpus" / "cmrc2018_contexts.txt"
 
 
 class _Exploit:
@@ -67,11 +67,12 @@ def _copy_dir(src: Path, dst: Path) -> Path:
 def fx(tmp_path_factory) -> dict[str, Path]:
     """Every input the table uses, good and bad, built once."""
     from model.adapters import write_peft_adapter
-    from model.checkpoint import from_state_dict
     from model.formats import read_checkpoint, write_hf, write_meta, write_model_dir
     from model.llama import named_args
     from model.lora import LoRAConfig, adapter_state_dict, apply_lora, save_adapter
+    from model.source import from_state_dict
 
+    require_shared(TOK, ZH_SP, LUNYU, ALPACA, STORIES, CMRC)
     root = tmp_path_factory.mktemp("inputs")
     p: dict[str, Path] = {"root": root, "marker": root / "PWNED", "tok": TOK, "zh_sp": ZH_SP,
                           "lunyu": LUNYU, "alpaca": ALPACA, "stories": STORIES}
@@ -582,7 +583,7 @@ def test_ctrl_c_in_interactive_generate(fx):
 def test_ctrl_c_in_parallel_data_prepare(fx, tmp_path):
     """Ctrl-C (SIGINT to the whole process group, workers included) in the middle of a
     parallel prepare: one line, status 130, no output and no temporaries left."""
-    corpus = SHARED_DATA / "corpus" / "cmrc2018_contexts.txt"
+    corpus = CMRC
     out = tmp_path / "tokens"
     p = subprocess.Popen([sys.executable, "-m", "data.prepare", "--tokenizer", str(TOK), "--input",
                           *[str(corpus)] * 4, "--output_dir", str(out), "--num_workers", "2",

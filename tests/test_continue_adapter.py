@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_train import losses, train_cmd, world  # noqa: F401  (fixture)
-from tests.test_train_faults import ENV, FAST, one_error, run
+from tests.helpers import ENV, FAST, losses, one_error, run, train_cmd
 
 GROWN = 8  # the adapter's vocabulary has this many rows more than the base (49,954 vs 32,000)
 
@@ -41,9 +40,9 @@ def peft_adapter(world, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from model.checkpoint import from_state_dict
     from model.convert import convert
     from model.formats import read_checkpoint, write_model_dir
+    from model.source import from_state_dict
 
     root = tmp_path_factory.mktemp("peft")
     convert(world / "base", root / "hf", "hf", progress=False)
@@ -99,8 +98,8 @@ def test_continuing_a_peft_adapter_starts_at_peft_s_loss(world, peft_adapter, tm
 
 def test_continuing_our_adapter_starts_where_it_ended(world, tmp_path):
     from model.adapters import merge_adapter, read_adapter_weights
-    from model.checkpoint import load_model
     from model.formats import read_checkpoint
+    from model.source import load_model
 
     first = tmp_path / "first"
     run(train_cmd("pretrain", "stage2.yaml", world, first, *FAST, "--optim.max_steps=3",

@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import from_state_dict, load_model
 from model.convert import convert, parse_size
 from model.formats import read_checkpoint, write_model_dir
 from model.llama import named_args
+from model.source import from_state_dict, load_model
 from tests.conftest import random_model
+from tests.helpers import CHINESE_LLAMA_VOCAB, LLAMA_VOCAB
 
 # How Meta's fairscale layers split each weight over model-parallel ranks, written out
 # from the LLaMA reference code (ParallelEmbedding splits the embedding's columns;
@@ -82,7 +83,9 @@ def test_meta_round_trip_through_every_format(n_shards, size, tmp_path):
     convert(tmp_path / "meta", tmp_path / "canon", "zhllama", progress=False)
     canon = load_file(tmp_path / "canon" / "model.safetensors")
     assert_same(canon, state)  # rope.freqs dropped, vocab resolved, shards merged
-    assert json.loads((tmp_path / "canon" / "params.json").read_text())["vocab_size"] == 512
+    # the rows of the embedding, since params.json said -1
+    assert json.loads((tmp_path / "canon" / "params.json").read_text())["vocab_size"] == \
+        state["tok_embeddings.weight"].shape[0] == args.vocab_size
 
     convert(tmp_path / "canon", tmp_path / "hf", "hf", progress=False)
     convert(tmp_path / "hf", tmp_path / "canon2", "zhllama", progress=False)
@@ -142,7 +145,7 @@ def test_hf_pytorch_model_bin_and_tied_embeddings(tmp_path):
 def test_hf_export_loads_in_transformers_with_tokenizer(shared_data, tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = shared_data / "tokenizers" / "llama_tokenizer.model"
-    args = named_args("tiny", vocab_size=32000)
+    args = named_args("tiny", vocab_size=LLAMA_VOCAB)  # the tokenizer's pieces
     model = random_model(args)
     write_model_dir(from_state_dict(model.state_dict(), args, tokenizer=tok), tmp_path / "canon",
                     progress=False)
@@ -261,7 +264,9 @@ def test_truncated_meta_shard(gqa_state, tmp_path):
 
 
 def test_uneven_vocab_refused_then_padded(tmp_path):
-    args = named_args("tiny", vocab_size=49953)
+    # Chinese-LLaMA's odd vocabulary, which Meta's 2-shard layout cannot split evenly
+    vocab = CHINESE_LLAMA_VOCAB
+    args = named_args("tiny", vocab_size=vocab)
     model = random_model(args)
     canon = write_model_dir(from_state_dict(model.state_dict(), args), tmp_path / "canon",
                             progress=False)
@@ -271,11 +276,13 @@ def test_uneven_vocab_refused_then_padded(tmp_path):
     r = run_cli(canon, tmp_path / "meta", "--to", "meta", "--shards", "2",
                 "--pad_vocab_to_multiple_of", "64")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "meta" / "params.json").read_text())["vocab_size"] == 49984
+    padded = -(-vocab // 64) * 64  # 49,984
+    assert json.loads((tmp_path / "meta" / "params.json").read_text())["vocab_size"] == padded
     back = load_meta_by_hand(tmp_path / "meta")
     for name in ("tok_embeddings.weight", "output.weight"):
-        assert torch.equal(back[name][:49953], model.state_dict()[name])
-        assert not back[name][49953:].any()
+        assert back[name].shape[0] == padded
+        assert torch.equal(back[name][:vocab], model.state_dict()[name])
+        assert not back[name][vocab:].any()
     for name, t in model.state_dict().items():
         if "tok_embeddings" not in name and "output" not in name:
             assert torch.equal(back[name], t)

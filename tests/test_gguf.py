@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
-from model.checkpoint import from_state_dict, load_model
 from model.convert import convert
 from model.formats import read_checkpoint, write_model_dir
 from model.formats.gguf import gguf_name
 from model.llama import named_args
+from model.source import from_state_dict, load_model
 from tests.conftest import random_model
+from tests.helpers import CHINESE_ALPACA_VOCAB, CHINESE_LLAMA_VOCAB, SHARED_DATA, require_shared
 
 gguf = pytest.importorskip("gguf")
 
@@ -31,11 +31,9 @@ def tensors(reader):
 
 
 @pytest.fixture
-def stories(shared_data, tmp_path):
-    src = shared_data / "models" / "stories260K"
-    convert(src / "stories260K.bin", tmp_path / "m", "zhllama", tokenizer=src / "tok512.model",
-            progress=False)
-    return tmp_path / "m"
+def stories(stories260k):
+    """stories260K as a model directory (read only: outputs go under each test's tmp_path)."""
+    return stories260k
 
 
 def test_f32_gguf_holds_every_tensor_and_key_as_written(stories, tmp_path):
@@ -44,6 +42,8 @@ def test_f32_gguf_holds_every_tensor_and_key_as_written(stories, tmp_path):
     r = gguf.GGUFReader(out)
     ckpt = read_checkpoint(stories)
     a = ckpt.args
+    # stories260K's header as SOURCES.md gives it: dim 64, hidden 172, 5 layers, 8 heads,
+    # 4 kv heads, seq_len 512 (rotary over head_dim 64 / 8 = 8)
     expected = {
         "general.architecture": "llama", "llama.context_length": 512, "llama.embedding_length": 64,
         "llama.block_count": 5, "llama.feed_forward_length": 172, "llama.attention.head_count": 8,
@@ -57,9 +57,11 @@ def test_f32_gguf_holds_every_tensor_and_key_as_written(stories, tmp_path):
         assert field(r, key) == value, key
     assert abs(field(r, "llama.attention.layer_norm_rms_epsilon") - a.norm_eps) < 1e-10
     sp = spm.SentencePieceProcessor(model_file=str(ckpt.tokenizer))
-    assert field(r, "tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(512)]
-    assert np.allclose(field(r, "tokenizer.ggml.scores"), [sp.get_score(i) for i in range(512)])
+    n = sp.vocab_size()
+    assert field(r, "tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(n)]
+    assert np.allclose(field(r, "tokenizer.ggml.scores"), [sp.get_score(i) for i in range(n)])
     types = field(r, "tokenizer.ggml.token_type")
+    # tok512 (SOURCES.md): <unk> 0, <s> 1 and </s> 2 control, byte pieces at ids 3..258
     assert types[:3] == [2, 3, 3] and set(types[3:259]) == {6} and set(types[259:]) == {1}
     written = tensors(r)
     assert len(written) == len(ckpt.specs)
@@ -159,18 +161,14 @@ def test_llama_cpp_runs_our_gguf_like_we_do(stories, tmp_path):
 def zh_pad_model(tmp_path_factory):
     """A tiny model over the published Chinese-LLaMA tokenizer merge with `<pad>` appended
     (tokenizer.merge.add_pad_piece), as a zhllama directory."""
-    from tests.conftest import SHARED_DATA
-    from tokenizer.merge import merge
+    from tokenizer.merge import MergeOptions, merge
 
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test material not found at {SHARED_DATA}")
+    base = SHARED_DATA / "tokenizers" / "llama_tokenizer.model"
+    zh = SHARED_DATA / "tokenizers" / "chinese_sp.model"
+    require_shared(base, zh)
     tmp = tmp_path_factory.mktemp("zh_pad")
-    merge(SimpleNamespace(
-        llama_tokenizer_dir=str(SHARED_DATA / "tokenizers" / "llama_tokenizer.model"),
-        chinese_sp_model_file=str(SHARED_DATA / "tokenizers" / "chinese_sp.model"),
-        output_dir=str(tmp / "tok"), add_pad_token=True, drop_digit_pieces=False,
-        drop_ascii_pieces=False, drop_unreachable_pieces=False, new_piece_scores="zero",
-        overwrite=False))
+    merge(MergeOptions(llama_tokenizer_dir=base, chinese_sp_model_file=zh, output_dir=tmp / "tok",
+                       add_pad_token=True))
     tok = tmp / "tok" / "tokenizer.model"
     args = named_args("tiny", vocab_size=spm.SentencePieceProcessor(model_file=str(tok)).vocab_size())
     write_model_dir(from_state_dict(random_model(args).state_dict(), args, tokenizer=tok),
@@ -182,7 +180,7 @@ def test_pad_token_is_one_id_in_sft_data_hf_export_and_gguf(zh_pad_model, shared
     transformers = pytest.importorskip("transformers")
     sp = spm.SentencePieceProcessor(model_file=str(zh_pad_model / "tokenizer.model"))
     pad = sp.pad_id()
-    assert pad == 49953 and sp.id_to_piece(pad) == "<pad>" and sp.is_control(pad)
+    assert pad == CHINESE_LLAMA_VOCAB and sp.id_to_piece(pad) == "<pad>" and sp.is_control(pad)
     # SFT data: the ids the trainer pads and masks with
     records = json.loads((shared_data / "sft" / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
     (tmp_path / "sft.json").write_text(json.dumps(records[:20], ensure_ascii=False), encoding="utf-8")
@@ -202,7 +200,8 @@ def test_pad_token_is_one_id_in_sft_data_hf_export_and_gguf(zh_pad_model, shared
     assert field(reader, "tokenizer.ggml.padding_token_id") == pad
     assert field(reader, "tokenizer.ggml.tokens")[pad] == "<pad>"
     assert field(reader, "tokenizer.ggml.token_type")[pad] == int(gguf.TokenType.CONTROL)
-    assert len(field(reader, "tokenizer.ggml.tokens")) == field(reader, "llama.vocab_size") == 49954
+    assert len(field(reader, "tokenizer.ggml.tokens")) == field(reader, "llama.vocab_size") == \
+        CHINESE_ALPACA_VOCAB
 
 
 @pytest.mark.llamacpp
@@ -213,7 +212,7 @@ def test_llama_cpp_tokenizes_chinese_like_sentencepiece(zh_pad_model, shared_dat
     sp = spm.SentencePieceProcessor(model_file=str(zh_pad_model / "tokenizer.model"))
     convert(zh_pad_model, tmp_path / "zh.gguf", "gguf", dtype="f16", progress=False)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "zh.gguf"), vocab_only=True, verbose=False)
-    assert llm.token_eos() == 2 and llm.n_vocab() == 49954
+    assert llm.token_eos() == 2 and llm.n_vocab() == CHINESE_ALPACA_VOCAB
     assert llama_cpp.llama_vocab_pad(llama_cpp.llama_model_get_vocab(llm.model)) == sp.pad_id()
     lines = (shared_data / "corpus" / "lunyu.txt").read_text(encoding="utf-8").splitlines()[:50]
     lines += (shared_data / "corpus" / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()[:50]

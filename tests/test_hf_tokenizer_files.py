@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import SHARED_DATA, require_shared
+from tests.helpers import CHINESE_ALPACA_VOCAB, CHINESE_LLAMA_VOCAB, SHARED_DATA, require_shared
 from tokenizer.hf_files import hf_tokenizer_config, write_hf_tokenizer_files
-from tokenizer.merge import merge
+from tokenizer.merge import MergeOptions, merge
 from tokenizer.templates import TEMPLATES, chat_template, format_prompt
 
 TOKENIZERS = SHARED_DATA / "tokenizers"
@@ -39,10 +39,8 @@ def export(tmp_path_factory):
     base, zh = TOKENIZERS / "llama_tokenizer.model", TOKENIZERS / "chinese_sp.model"
     require_shared(base, zh, PUBLISHED)
     root = tmp_path_factory.mktemp("hf_tok")
-    merge(SimpleNamespace(llama_tokenizer_dir=str(base), chinese_sp_model_file=str(zh),
-                          output_dir=str(root / "merged"), add_pad_token=True,
-                          drop_digit_pieces=False, drop_ascii_pieces=False,
-                          drop_unreachable_pieces=False, overwrite=False, new_piece_scores="zero"))
+    merge(MergeOptions(llama_tokenizer_dir=base, chinese_sp_model_file=zh,
+                       output_dir=root / "merged", add_pad_token=True))
     dirs = {}
     for name in TEMPLATES:
         dirs[name] = root / name
@@ -77,7 +75,7 @@ def test_every_key_has_the_published_value_or_a_stated_reason(export):
 
 
 def test_without_a_pad_piece_no_pad_is_named(shared_data):
-    require_shared(TOKENIZERS / "llama_tokenizer.model")
+    require_shared(TOKENIZERS / "llama_tokenizer.model", PUBLISHED)
     config, token_map = hf_tokenizer_config(TOKENIZERS / "llama_tokenizer.model")
     published = read(PUBLISHED / "tokenizer_config.json")
     assert config["pad_token"] is None is published["pad_token"]
@@ -101,7 +99,8 @@ def test_the_text_eos_appended_to_a_response_is_the_eos_id(export, use_fast):
     use_fast says; both are asked, as the published scripts ask for the slow one."""
     transformers = pytest.importorskip("transformers")
     tok = transformers.AutoTokenizer.from_pretrained(export.dirs["cla_v1"], use_fast=use_fast)
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == (1, 2, 49953, 49954)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == \
+        (1, 2, CHINESE_LLAMA_VOCAB, CHINESE_ALPACA_VOCAB)  # <pad> appended to the 49,953
     for output in OUTPUTS:
         source, target = build_dataset_ids(tok, format_prompt("cla_v1", "问题"), output)
         assert source[0] == 1 and 2 not in source
@@ -223,7 +222,7 @@ def test_another_transformers_reads_our_files_alike(export, tmp_path):
     assert {res["class"] for res in report["results"]} == {"LlamaTokenizer", "LlamaTokenizerFast"}
     for res in report["results"]:
         where = (res["name"], res["use_fast"])
-        assert res["ids"] == [1, 2, 49953, 49954], where
+        assert res["ids"] == [1, 2, CHINESE_LLAMA_VOCAB, CHINESE_ALPACA_VOCAB], where
         for target, alone in zip(res["target"], res["alone"]):
             assert target[-1] == 2 and target.count(2) == 1 and target[:-1] == alone, where
         assert res["chats"] == expected[res["name"]], where
@@ -233,16 +232,16 @@ def test_another_transformers_reads_our_files_alike(export, tmp_path):
 def test_export_commands_take_the_template(shared_data, tmp_path, capsys):
     """`model.convert --to hf --template` and `model.merge_lora --output_type huggingface
     --template` write the chat template; other outputs refuse it."""
-    from model.checkpoint import from_state_dict
     from model.convert import main as convert_main
     from model.formats import write_model_dir
     from model.llama import named_args
     from model.merge_lora import main as merge_main
+    from model.source import from_state_dict
     from tests.conftest import random_model
 
     tok = shared_data / "models" / "stories260K" / "tok512.model"
     require_shared(tok)
-    args = named_args("tiny", vocab_size=512)
+    args = named_args("tiny", vocab_size=512)  # tok512's pieces (SOURCES.md)
     write_model_dir(from_state_dict(random_model(args).state_dict(), args, tokenizer=tok),
                     tmp_path / "canon", progress=False)
     convert_main([str(tmp_path / "canon"), str(tmp_path / "hf"), "--to", "hf", "--template",

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from model.llama import named_args
 from model.lora import (
     LoRAConfig, LoRALinear, adapter_state_dict, apply_lora, load_adapter, mark_trainable,
-    merge_lora, save_adapter,
+    fold_lora, save_adapter,
 )
 from tests.conftest import random_model
 
@@ -53,7 +54,7 @@ def test_merge_equals_w_plus_scaled_ba_and_unmerge():
         assert torch.allclose(wq.weight, expected, atol=1e-6)
         wq.unmerge()
         assert torch.allclose(wq.weight, w0, atol=1e-6)
-        merge_lora(model)
+        fold_lora(model)
         assert not any(isinstance(m, LoRALinear) for m in model.modules())
         assert torch.allclose(model(tokens), with_lora, atol=1e-5)
 
@@ -78,11 +79,27 @@ def test_adapter_round_trip_and_refusals(tmp_path):
     meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert meta["r"] == 4 and meta["base_vocab_size"] == 500 and meta["targets"][0] == "wq"
     assert (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size > 10_000
-    fresh = random_model(named_args("tiny"), seed=0)
+    saved = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert saved.keys() == adapter_state_dict(model, cfg).keys()
+    assert {"tok_embeddings.weight", "output.weight"} <= saved.keys()
+    assert {k.rsplit(".", 1)[1] for k in saved} == {"lora_a", "lora_b", "weight"}
+    # A fresh model of another seed, so that every tensor the adapter holds starts out
+    # different (A, B, the embeddings and output): each must then come from the file.
+    fresh = random_model(named_args("tiny"), seed=1)
+    apply_lora(fresh, cfg)
+    before = adapter_state_dict(fresh, cfg)
+    assert not any(torch.equal(before[k], saved[k]) for k in saved)
+    with torch.no_grad():  # the base weights, which an adapter does not hold, from the first model
+        for name, t in model.state_dict().items():
+            if name not in saved:
+                fresh.state_dict()[name].copy_(t)
     load_adapter(fresh, tmp_path / "ad")
+    loaded = adapter_state_dict(fresh, cfg)
+    for name, t in saved.items():
+        assert torch.equal(loaded[name], t), name
     tokens = torch.randint(0, 512, (1, 10))
     with torch.no_grad():
-        assert torch.equal(fresh(tokens), model(tokens))
+        assert torch.equal(fresh.eval()(tokens), model.eval()(tokens))
     with pytest.raises(ValueError, match="no LoRA tensors"):
         save_adapter({"tok_embeddings.weight": torch.zeros(2)}, cfg, tmp_path / "empty",
                      base_vocab_size=1, vocab_size=1)

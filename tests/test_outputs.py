@@ -23,7 +23,6 @@ import torch
 
 from data.prepare import main as prepare_main
 from model.adapters import main as adapters_main
-from model.convert import convert
 from model.convert import main as convert_main
 from model.lora import LoRAConfig, save_adapter
 from model.merge_lora import main as merge_lora_main
@@ -35,20 +34,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def material(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def material(stories260k: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A zhllama model (stories260K), a corpus, SFT records, a Chinese sp model, the merged
     tokenizer (which extends the model's), an adapter."""
-    from tests.conftest import SHARED_DATA
+    from model.formats import read_checkpoint
+    from tests.helpers import SHARED_DATA, require_shared
 
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test material not found at {SHARED_DATA}")
+    lunyu, alpaca = SHARED_DATA / "corpus" / "lunyu.txt", SHARED_DATA / "sft" / "alpaca_zh_demo.json"
+    require_shared(lunyu, alpaca)
     base = tmp_path_factory.mktemp("material")
-    stories = SHARED_DATA / "models" / "stories260K"
-    ckpt = convert(stories / "stories260K.bin", base / "model", "zhllama",
-                   tokenizer=stories / "tok512.model", progress=False)
-    lines = (SHARED_DATA / "corpus" / "lunyu.txt").read_text(encoding="utf-8").splitlines()
+    shutil.copytree(stories260k, base / "model")  # beside the other inputs, for `place`
+    ckpt = read_checkpoint(base / "model")
+    lines = lunyu.read_text(encoding="utf-8").splitlines()
     (base / "zh.txt").write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
-    records = json.loads((SHARED_DATA / "sft" / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    records = json.loads(alpaca.read_text(encoding="utf-8"))
     (base / "sft.json").write_text(json.dumps(records[:20], ensure_ascii=False), encoding="utf-8")
     train_main(["--input", str(base / "zh.txt"), "--model_prefix", str(base / "zh_sp"),
                 "--vocab_size", "1200", "--model_type", "bpe", "--num_threads", "1"])

@@ -13,7 +13,7 @@ from data.shards import read_meta
 from model.formats import read_checkpoint
 from model.tensor_io import FormatError
 from tests.conftest import random_model
-from tests.test_train import run, train_cmd, world  # noqa: F401 (world: the fixture)
+from tests.helpers import run, train_cmd
 from tokenizer.templates import chat_template, format_prompt
 
 STEPS = ["--optim.max_steps=1", "--checkpoint.every=0", "--optim.warmup_steps=0"]

@@ -12,7 +12,8 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from tokenizer.merge import merge, reachable_pieces
+from tests.helpers import CHINESE_ALPACA_VOCAB, CHINESE_LLAMA_VOCAB, LLAMA_VOCAB
+from tokenizer.merge import MergeOptions, merge, reachable_pieces
 
 ENGLISH = [
     "The quick brown fox jumps over the lazy dog.",
@@ -26,15 +27,9 @@ MIXED = ["我爱北京天安门 🦙🚀 emoji, 𠀀𪚥 rare characters, ＡＢ
          "李白（701年—762年），字太白，号青莲居士。", "  leading spaces and\ttabs\n新行"]
 
 
-def options(**kw):
-    base = dict(add_pad_token=False, drop_digit_pieces=False, drop_ascii_pieces=False,
-                drop_unreachable_pieces=False, overwrite=False, new_piece_scores="zero")
-    return SimpleNamespace(**{**base, **kw})
-
-
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from tests.conftest import SHARED_DATA, require_shared
+    from tests.helpers import SHARED_DATA, require_shared
 
     tok = SHARED_DATA / "tokenizers"
     base, zh = tok / "llama_tokenizer.model", tok / "chinese_sp.model"
@@ -43,8 +38,8 @@ def real(tmp_path_factory):
     for name, kw in [("default", {}), ("pad", {"add_pad_token": True}),
                      ("english_safe", {"drop_digit_pieces": True, "drop_ascii_pieces": True}),
                      ("ranked", {"new_piece_scores": "ranked", "drop_digit_pieces": True})]:
-        merge(options(llama_tokenizer_dir=str(base), chinese_sp_model_file=str(zh),
-                      output_dir=str(out / name), **kw))
+        merge(MergeOptions(llama_tokenizer_dir=base, chinese_sp_model_file=zh,
+                           output_dir=out / name, **kw))
     return SimpleNamespace(base=base, zh=zh, out=out, corpus=SHARED_DATA / "corpus")
 
 
@@ -59,15 +54,21 @@ def sp(path):
 
 
 def test_published_merge_49953_with_base_untouched(real):
-    merged, base = proto(real.out / "default" / "tokenizer.model"), proto(real.base)
-    assert len(merged.pieces) == 49953
-    for a, b in zip(base.pieces, merged.pieces[:32000]):
+    merged, base, zh = proto(real.out / "default" / "tokenizer.model"), proto(real.base), proto(real.zh)
+    n_base = len(base.pieces)
+    assert n_base == LLAMA_VOCAB and len(merged.pieces) == CHINESE_LLAMA_VOCAB
+    for a, b in zip(base.pieces, merged.pieces[:n_base], strict=True):
         assert (a.piece, a.score, a.type) == (b.piece, b.score, b.type)
-    assert all(p.score == 0 and p.type == p.NORMAL for p in merged.pieces[32000:])
+    assert all(p.score == 0 and p.type == p.NORMAL for p in merged.pieces[n_base:])
     assert merged.trainer_spec == base.trainer_spec
     assert merged.normalizer_spec == base.normalizer_spec
+    # the Chinese pieces LLaMA lacks, appended in their order; the others counted as present
+    known = {p.piece for p in base.pieces}
+    new = [p.piece for p in zh.pieces if p.piece not in known]
+    assert [p.piece for p in merged.pieces[n_base:]] == new
     manifest = json.loads((real.out / "default" / "merge_manifest.json").read_text())
-    assert manifest["report"]["appended"] == 17953 and manifest["report"]["already_present"] == 2047
+    assert manifest["report"]["appended"] == len(new) == CHINESE_LLAMA_VOCAB - n_base
+    assert manifest["report"]["already_present"] == len(zh.pieces) - len(new)
     assert manifest["inputs"]["llama_tokenizer"]["sha256"].startswith("9e556afd")
 
 
@@ -96,7 +97,9 @@ def test_english_exactly_as_before_with_the_drop_options(real):
     assert merged.encode("2023", out_type=str) != base.encode("2023", out_type=str)
     assert merged.encode("people", out_type=str) == ["▁p", "eo", "ple"]
     report = json.loads((real.out / "default" / "merge_manifest.json").read_text())["report"]
-    assert report["english_words_changed"] > 100 and report["with_digits"] == 594
+    appended = proto(real.out / "default" / "tokenizer.model").pieces[len(proto(real.base).pieces):]
+    with_digits = sum(any("0" <= c <= "9" or "０" <= c <= "９" for c in p.piece) for p in appended)
+    assert report["english_words_changed"] > 100 and report["with_digits"] == with_digits > 0
     safe_report = json.loads((real.out / "english_safe" / "merge_manifest.json").read_text())["report"]
     assert safe_report["english_words_changed"] == 0
     for text in ENGLISH + WITH_DIGITS + ["   runs   of\t\tspaces  ", "x" * 40]:
@@ -109,8 +112,9 @@ def test_english_exactly_as_before_with_the_drop_options(real):
 def test_chinese_needs_about_half_the_tokens_and_round_trips(real):
     base, merged = sp(real.base), sp(real.out / "default" / "tokenizer.model")
     lines = (real.corpus / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()
-    ratio = sum(len(merged.encode(l)) for l in lines) / sum(len(base.encode(l)) for l in lines)
-    assert 0.45 < ratio < 0.55  # published: 407,293 / 801,975 = 0.508
+    n_merged, n_base = (sum(len(t.encode(l)) for l in lines) for t in (merged, base))
+    assert (n_merged, n_base) == (407_293, 801_975)  # SOURCES.md's token counts of this file
+    assert 0.45 < n_merged / n_base < 0.55  # about half: 0.508
     for text in MIXED + ENGLISH + WITH_DIGITS:
         assert merged.decode(merged.encode(text)) == text
 
@@ -118,14 +122,15 @@ def test_chinese_needs_about_half_the_tokens_and_round_trips(real):
 def test_pad_token_is_one_id_everywhere(real):
     pad_dir = real.out / "pad"
     s = sp(pad_dir / "tokenizer.model")
-    assert s.vocab_size() == 49954 and s.pad_id() == 49953 and s.is_control(49953)
-    assert 49953 not in s.encode("text with <pad> in it")  # never produced from text
+    pad = CHINESE_LLAMA_VOCAB  # appended after the published merge's pieces
+    assert s.vocab_size() == CHINESE_ALPACA_VOCAB and s.pad_id() == pad and s.is_control(pad)
+    assert pad not in s.encode("text with <pad> in it")  # never produced from text
     from tokenizer.hf_files import special_tokens
 
-    assert special_tokens(pad_dir)["pad"] == {"id": 49953, "piece": "<pad>"}
+    assert special_tokens(pad_dir)["pad"] == {"id": pad, "piece": "<pad>"}
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(pad_dir)
-    assert hf.pad_token_id == 49953 and len(hf) == 49954
+    assert hf.pad_token_id == pad and len(hf) == CHINESE_ALPACA_VOCAB
 
 
 @pytest.mark.parametrize("use_fast", [True, False])
@@ -152,9 +157,10 @@ def test_transformers_loads_the_merge_and_agrees(real, use_fast):
 def test_ranked_scores_keep_ids_english_and_compression(real):
     base, pub, ranked = sp(real.base), sp(real.out / "default" / "tokenizer.model"), \
         sp(real.out / "ranked" / "tokenizer.model")
-    digits_dropped = [pub.id_to_piece(i) for i in range(32000, pub.vocab_size())
+    n_base = base.vocab_size()
+    digits_dropped = [pub.id_to_piece(i) for i in range(n_base, pub.vocab_size())
                       if not any(c.isdigit() for c in pub.id_to_piece(i))]
-    assert [ranked.id_to_piece(i) for i in range(32000, ranked.vocab_size())] == digits_dropped
+    assert [ranked.id_to_piece(i) for i in range(n_base, ranked.vocab_size())] == digits_dropped
     report = json.loads((real.out / "ranked" / "merge_manifest.json").read_text())["report"]
     assert report["english_words_changed"] == 0
     lines = (real.corpus / "cmrc2018_contexts.txt").read_text(encoding="utf-8").splitlines()
@@ -205,7 +211,8 @@ def test_train_then_merge_then_report(real, tmp_path):
     assert base_row[8] == "1.000×" and float(merged_row[8].rstrip("×")) < 0.8  # Chinese: fewer tokens
 
 
-def test_report_counts_by_hand(real):
+def test_report_counts_by_hand(real, monkeypatch):
+    from tokenizer import report
     from tokenizer.report import count, measure
 
     lines = ["我爱北京", "𠀀 x"]  # 𠀀 is in neither vocabulary: 4 byte-fallback tokens
@@ -213,9 +220,18 @@ def test_report_counts_by_hand(real):
     assert count(base, lines) == (7, len(base.encode(lines[0])) + len(base.encode(lines[1])),
                                   sum(base.is_byte(i) for row in base.encode(lines) for i in row), 0)
     assert sum(base.is_byte(i) for i in base.encode("𠀀")) == 4
-    stats = measure([str(real.base), str(real.out / "default")], lines, repeats=1)
-    assert [s.vocab for s in stats] == [32000, 49953] and stats[1].name == "default"
-    assert stats[1].tokens < stats[0].tokens and stats[0].encode_cps > 0 < stats[1].decode_cps
+    # the speeds: characters over the median of each tokenizer's timings, the tokenizers
+    # taking turns (encode, then decode) in every round; the clock is scripted here
+    timings = iter([0.5, 4.0, 2.0, 1.0,  # round 1: base encode, decode; merged encode, decode
+                    0.25, 2.0, 8.0, 3.0,  # round 2
+                    1.0, 1.0, 4.0, 2.0])  # round 3
+    monkeypatch.setattr(report, "_seconds", lambda fn: (fn(), next(timings))[1])
+    stats = measure([str(real.base), str(real.out / "default")], lines, repeats=3)
+    assert [s.vocab for s in stats] == [LLAMA_VOCAB, CHINESE_LLAMA_VOCAB] and stats[1].name == "default"
+    assert stats[1].tokens < stats[0].tokens and stats[0].chars == stats[1].chars == 7
+    medians = [(0.5, 2.0), (4.0, 2.0)]  # (encode, decode) seconds of base, merged
+    assert [(s.encode_cps, s.decode_cps) for s in stats] == [(7 / e, 7 / d) for e, d in medians]
+    assert next(timings, None) is None  # 3 rounds × 2 tokenizers × (encode, decode), no more
 
 
 def test_bad_input(real, tmp_path):

@@ -10,79 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
-from data.toy import chinese_documents, english_documents
-from model.checkpoint import from_state_dict, load_model
-from model.formats import read_checkpoint, write_model_dir
-from model.llama import named_args
-from tests.conftest import random_model
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--parallel.precision=fp32", "--log.every=1", "--lora.dropout=0.0"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A toy tokenizer (with pad), a tiny model, pretraining and SFT data: all from the
-    embedded corpus, so these tests need nothing from outside the repository."""
-    from tokenizer.merge import add_pad_piece, read_proto
-    from tokenizer.train import train
-
-    root = tmp_path_factory.mktemp("world")
-    text = root / "corpus.txt"
-    docs = english_documents(300) + chinese_documents(300)
-    text.write_text("\n".join(docs) + "\n", encoding="utf-8")
-    train(SimpleNamespace(input=[str(text)], model_prefix=str(root / "sp"), vocab_size=600,
-                          model_type="bpe", character_coverage=1.0, input_sentence_size=0,
-                          max_sentence_length=16384, num_threads=1, overwrite=False))
-    proto = read_proto(root / "sp.model")
-    add_pad_piece(proto)
-    (root / "tokenizer.model").write_bytes(proto.SerializeToString())
-    vocab = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model")).vocab_size()
-    model = random_model(named_args("tiny", vocab_size=vocab), std=0.05)
-    write_model_dir(from_state_dict(model.state_dict(), model.args, tokenizer=root / "tokenizer.model"),
-                    root / "base", progress=False)
-    records = [{"instruction": "续写：" + d[:12], "input": "", "output": d[12:]} for d in docs[300:420]]
-    (root / "sft.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    for args in (["--input", str(text), "--output_dir", str(root / "tokens")],
-                 ["--sft", "--input", str(root / "sft.json"), "--output_dir", str(root / "sft"),
-                  "--max_seq_length", "320"]):
-        r = subprocess.run([sys.executable, "-m", "data.prepare", "--tokenizer",
-                            str(root / "tokenizer.model"), "--num_workers", "1", *args],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-    return root
-
-
-def train_cmd(script: str, config: str, world: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
-    data = world / ("sft" if script == "sft" else "tokens")
-    args = [str(REPO / "configs" / "tiny" / config), f"--model.path={world / 'base'}",
-            f"--data.path={data}", f"--output_dir={out}", *TINY, *extra]
-    if nproc == 1:
-        return [sys.executable, str(REPO / "train" / f"{script}.py"), *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", str(REPO / "train" / f"{script}.py"), *args]
-
-
-def run(cmd: list[str]) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(out: Path, key: str = "loss") -> list[float]:
-    return [r[key] for r in metrics(out) if key in r]
+from model.formats import read_checkpoint
+from model.source import load_model
+from tests.helpers import losses, metrics, run, train_cmd
 
 
 def close(a: list[float], b: list[float], tol: float) -> bool:

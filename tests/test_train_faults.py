@@ -13,7 +13,6 @@ import pickle
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,27 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import losses, metrics, train_cmd, world  # noqa: F401  (fixture)
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-FAST = ["--data.block_size=32", "--log.eval_every=0", "--data.val_fraction=0",
-        "--optim.warmup_steps=2"]
-
-
-def run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-    if ok:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def one_error(r: subprocess.CompletedProcess, code: int = 1) -> str:
-    """The single `error:` line of a failed run (and no traceback)."""
-    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, r.stderr[-3000:]
-    return lines[0]
+from tests.helpers import ENV, FAST, losses, metrics, one_error, run, train_cmd
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -280,8 +259,8 @@ def test_other_data_or_weights_are_refused(world, tmp_path):
     run(cmd)
     before = tree_hashes(out)
     # the same path, other weights: a base retrained or replaced in place
-    from model.checkpoint import from_state_dict
     from model.formats import read_checkpoint, write_model_dir
+    from model.source import from_state_dict
 
     ckpt = read_checkpoint(base_copy)
     state = {n: ckpt.get(n).clone() for n in ckpt.specs}
