@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import losses, metrics, run, train_cmd, world  # noqa: F401  (world: a fixture)
+from tests.helpers import losses, metrics, run, train_cmd
 from train.config import OptimConfig
 from train.optim import lr_at, warmup_steps
 
@@ -145,9 +145,9 @@ def lora_pairs(model, cfg, n_layers: int):
 def check_layouts_agree(model, cfg, base, tokens: torch.Tensor) -> None:
     """Zero steps: with the same A and a random B (permuted for q/k as the export permutes
     their rows), our LoRA model and peft's give the same logits; then B is zero again."""
-    from model.checkpoint import load_model
     from model.formats.hf import permute_to_hf
     from model.lora import LoRAConfig, apply_lora
+    from model.source import load_model
     from train.trainer import initial_tensor
 
     ours = apply_lora(load_model(base), LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=0.0,
@@ -210,9 +210,9 @@ def trainer_run(model, cfg, blocks: list[torch.Tensor], out: Path) -> dict[str, 
 def test_stage2_losses_equal_trainer_with_peft(world, tmp_path):
     pytest.importorskip("peft")
     from data.datasets import PackedBlocks
-    from model.checkpoint import load_model
     from model.formats import read_checkpoint, write_hf
     from model.lora import LoRAConfig, apply_lora, mark_trainable
+    from model.source import load_model
     from train.config import load_config
     from train.optim import param_groups
 

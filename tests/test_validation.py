@@ -20,12 +20,13 @@ import pytest
 import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from data.prepare import build_parser as prepare_parser
-from data.prepare import prepare
+from data.prepare import PrepareOptions, prepare
+from data.sft import SFTPreparer
 from data.shards import DataError, max_token_id, read_meta
+from data.text import TextPreparer
 from model import llama
 from model.adapters import read_adapter_weights, write_peft_adapter
-from model.checkpoint import (
+from model.source import (
     BASE_FINGERPRINT_TENSORS, check_tokenizer_rows, from_state_dict, is_padding, load_model,
     tensor_fingerprint,
 )
@@ -36,7 +37,8 @@ from model.lora import LoRAConfig, adapter_state_dict, apply_lora, lora_modules,
 from model.merge_lora import merge
 from model.resize import resize_checkpoint
 from model.tensor_io import FormatError
-from tests.conftest import SHARED_DATA, random_model
+from tests.conftest import random_model
+from tests.helpers import SHARED_DATA, require_shared
 from tokenizer.files import sha256_file
 from tokenizer.schema import Field, check_fields
 
@@ -44,17 +46,17 @@ REPO = Path(__file__).resolve().parents[1]
 STORIES = SHARED_DATA / "models" / "stories260K"
 TOK512 = STORIES / "tok512.model"
 LLAMA_TOK = SHARED_DATA / "tokenizers" / "llama_tokenizer.model"
+LUNYU = SHARED_DATA / "corpus" / "lunyu.txt"
+ALPACA = SHARED_DATA / "sft" / "alpaca_zh_demo.json"
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> SimpleNamespace:
-    """stories260K as a model directory, Hugging Face export, our adapter and its PEFT form,
-    and token shards of the real corpus (pretraining and SFT), made once."""
-    if not STORIES.is_dir():
-        pytest.skip(f"real test material not found at {SHARED_DATA}")
+def real(stories260k, tmp_path_factory) -> SimpleNamespace:
+    """stories260K as a model directory (the session's, read only), Hugging Face export, our
+    adapter and its PEFT form, and token shards of the real corpus (pretraining and SFT), made once."""
+    require_shared(STORIES / "stories260K.bin", TOK512, LLAMA_TOK, LUNYU, ALPACA)
     root = tmp_path_factory.mktemp("real")
-    convert(STORIES / "stories260K.bin", root / "base", "zhllama", tokenizer=TOK512, progress=False)
-    ckpt = read_checkpoint(root / "base", progress=False)
+    ckpt = read_checkpoint(stories260k, progress=False)
     write_hf(ckpt, root / "hf", max_shard_bytes=300_000, progress=False)  # sharded, with an index
     write_model_dir(ckpt, root / "sharded", max_shard_bytes=300_000, progress=False)
     model = load_model(ckpt)
@@ -67,12 +69,10 @@ def real(tmp_path_factory) -> SimpleNamespace:
     save_adapter(adapter_state_dict(model, cfg), cfg, root / "adapter", base_vocab_size=512,
                  vocab_size=512, tokenizer=ckpt.tokenizer, base=ckpt)
     write_peft_adapter(root / "adapter", root / "peft")
-    for name, extra in (("tokens", []), ("sft", ["--sft", "--max_seq_length", "256"])):
-        src = SHARED_DATA / ("sft/alpaca_zh_demo.json" if extra else "corpus/lunyu.txt")
-        prepare(prepare_parser().parse_args(["--tokenizer", str(TOK512), "--input", str(src),
-                                             "--output_dir", str(root / name), "--num_workers",
-                                             "1", *extra]))
-    return SimpleNamespace(root=root, base=root / "base", hf=root / "hf", sharded=root / "sharded",
+    for name, src, preparer in (("tokens", LUNYU, TextPreparer()),
+                                ("sft", ALPACA, SFTPreparer(max_seq_length=256))):
+        prepare(PrepareOptions(TOK512, (str(src),), root / name, preparer, num_workers=1))
+    return SimpleNamespace(root=root, base=stories260k, hf=root / "hf", sharded=root / "sharded",
                            adapter=root / "adapter", peft=root / "peft", tokens=root / "tokens",
                            sft=root / "sft", ckpt=ckpt)
 
@@ -460,14 +460,15 @@ def test_shard_ids_and_vocabulary_against_the_model(real, tmp_path):
     for f in meta["files"]:
         del f["max_token_id"]
     (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=r"d: holds token id 600, but .*base has only 512 embedding rows"):
+    with pytest.raises(DataError, match=rf"d: holds token id 600, but {re.escape(str(real.base))} has "
+                                        r"only 512 embedding rows"):
         packed_blocks(*factory_inputs(real, tmp_path / "d"))
     # a vocabulary larger than the model's rows (the model has no tokenizer to compare hashes)
     bad = tampered(real.tokens, tmp_path / "big", "meta.json", {"vocab_size": 1000})
     cfg, dist, built = factory_inputs(real, bad)
     built.base = built.base.replace(tokenizer=None)
     with pytest.raises(DataError, match=r"prepared with a 1000-piece tokenizer, larger than the 512 "
-                                        r"embedding rows of .*base"):
+                                        rf"embedding rows of {re.escape(str(real.base))}"):
         packed_blocks(cfg, dist, built)
     # the model's own tokenizer larger than its rows
     shutil.copytree(real.base, tmp_path / "m")
