@@ -64,12 +64,14 @@ def run_ours(a, args, state, tokens, labels) -> dict:
     import tempfile
     from pathlib import Path
 
-    from model.checkpoint import from_state_dict
     from model.formats import write_model_dir
+    from model.source import from_state_dict
     from train.config import load_config
     from train.distributed import setup
     from train.optim import LossScaler, build_optimizer
-    from train.trainer import build_for_stage, flops_per_token, train_step
+    from train.metrics import flops_per_token
+    from train.stages import build_for_stage
+    from train.trainer import step_options, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         write_model_dir(from_state_dict(state, args), Path(tmp) / "m", progress=False)
@@ -86,7 +88,7 @@ def run_ours(a, args, state, tokens, labels) -> dict:
     losses = []
 
     def step():
-        losses.append(train_step(built.model, micro, params, cfg, dist, LossScaler(False))[0])
+        losses.append(train_step(built.model, micro, params, step_options(cfg, built), dist, LossScaler(False))[0])
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -42,13 +42,15 @@ def matmul_peak_flops(n: int = 1024, reps: int = 10) -> float:
 
 
 def worker(size: str, ac: str, chunk: int, batch: int, seq: int, steps: int, work: Path) -> dict:
-    from model.checkpoint import from_state_dict
     from model.formats import write_model_dir
     from model.llama import ModelArgs, build_model
+    from model.source import from_state_dict
     from train.config import load_config
     from train.distributed import setup
     from train.optim import LossScaler, build_optimizer
-    from train.trainer import build_for_stage, flops_per_token, train_step
+    from train.metrics import flops_per_token
+    from train.stages import build_for_stage
+    from train.trainer import step_options, train_step
 
     args = ModelArgs(**SIZES[size], max_seq_len=seq)
     torch.manual_seed(0)
@@ -66,7 +68,7 @@ def worker(size: str, ac: str, chunk: int, batch: int, seq: int, steps: int, wor
     micro = [{"tokens": tokens, "labels": torch.roll(tokens, -1, 1)}]
 
     def step() -> None:
-        train_step(built.model, micro, params, cfg, dist, LossScaler(False))
+        train_step(built.model, micro, params, step_options(cfg, built), dist, LossScaler(False))
         opt.step()
         opt.zero_grad(set_to_none=True)
 

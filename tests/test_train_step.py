@@ -7,14 +7,15 @@ import copy
 import pytest
 import torch
 
-from model.checkpoint import from_state_dict
 from model.formats import write_model_dir
 from model.llama import named_args
+from model.source import from_state_dict
 from tests.conftest import random_model
 from train.config import load_config
 from train.distributed import setup
 from train.optim import LossScaler
-from train.trainer import build_for_stage, train_step
+from train.stages import build_for_stage
+from train.trainer import step_options, train_step
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,11 @@ def test_uneven_micro_batches_give_the_gradient_of_one_batch(dist, model_dir):
     four = build_for_stage(cfg, dist)
     params_one = [p for p in one.model.parameters() if p.requires_grad]
     params_four = [p for p in four.model.parameters() if p.requires_grad]
-    loss1, _, n1 = train_step(one.model, [{"tokens": tokens, "labels": labels}], params_one, cfg,
-                              dist, LossScaler(False))
+    loss1, _, n1 = train_step(one.model, [{"tokens": tokens, "labels": labels}], params_one,
+                              step_options(cfg, one), dist, LossScaler(False))
     micro = [{"tokens": tokens[i : i + 1], "labels": labels[i : i + 1]} for i in range(4)]
-    loss4, _, n4 = train_step(four.model, micro, params_four, cfg, dist, LossScaler(False))
+    loss4, _, n4 = train_step(four.model, micro, params_four, step_options(cfg, four), dist,
+                              LossScaler(False))
     assert n1 == n4 == 23 + 3 + 15 and abs(loss1 - loss4) < 1e-6
     g1, g4 = grads(one.model), grads(four.model)
     assert g1.keys() == g4.keys()
@@ -73,7 +75,8 @@ def test_lora_stage_starts_at_the_base_loss_and_trains_only_lora(dist, model_dir
     with torch.no_grad():
         assert torch.equal(built.model.loss(tokens, labels), full.model.loss(tokens, labels))
     params = [p for p in built.model.parameters() if p.requires_grad]
-    train_step(built.model, [{"tokens": tokens, "labels": labels}], params, cfg, dist, LossScaler(False))
+    train_step(built.model, [{"tokens": tokens, "labels": labels}], params, step_options(cfg, built),
+               dist, LossScaler(False))
     trained = grads(built.model)
     # frozen embeddings + checkpointed blocks: LoRA still gets gradients (B's, since B = 0 → A's are 0)
     assert trained and all(n.endswith(("lora_a", "lora_b")) for n in trained)

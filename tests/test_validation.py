@@ -429,9 +429,9 @@ def test_each_training_script_refuses_the_other_kind_of_data(real):
     with pytest.raises(DataError, match=r"meta\.json: kind: 'pretrain' data .* cannot train in "
                                         r"train/sft\.py; use train/pretrain\.py"):
         sft_samples(*factory_inputs(real, real.tokens))
-    train, _, seq = packed_blocks(*factory_inputs(real, real.tokens))  # the right kind passes
-    assert seq == 64 and len(train) > 0
-    data, _, _ = sft_samples(*factory_inputs(real, real.sft))
+    train, _ = packed_blocks(*factory_inputs(real, real.tokens))  # the right kind passes
+    assert train.block_size == 64 and len(train) > 0
+    data, _ = sft_samples(*factory_inputs(real, real.sft))
     assert len(data) > 0
 
 

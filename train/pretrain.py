@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from data.datasets import PackedBlocks
 from train.data_checks import check_data_for_model, check_length
-from train.trainer import script_main
+from train.session import TrainingRun
+from train.stages import build_for_stage
+from train.trainer import export, run
 
 
 def packed_blocks(cfg, dist, built):
@@ -25,11 +27,19 @@ def packed_blocks(cfg, dist, built):
               rank=dist.rank, world_size=dist.world_size)
     train = PackedBlocks(cfg.data.path, split="train", **kw)
     val = PackedBlocks(cfg.data.path, split="val", **kw) if cfg.data.val_fraction else None
-    return train, val, cfg.data.block_size
+    return train, val
 
 
 def main(argv: list[str] | None = None) -> None:
-    script_main(argv, "train/pretrain.py", __doc__, packed_blocks)
+    """The recipe: config → the model for the stage → data → the loop → the trained output."""
+    with TrainingRun(argv, "train/pretrain.py", __doc__, stages=("embeddings", "lora", "full")) as session:
+        cfg, dist = session.cfg, session.dist
+        built = session.agree(lambda: build_for_stage(cfg, dist))  # what trains; sharded, loaded
+        train, val = session.agree(lambda: packed_blocks(cfg, dist, built))
+        session.ranks_on_their_own()
+        run(cfg, built, train, dist, val, seq_len=cfg.data.block_size, plan=session.plan,
+            fingerprint=session.fingerprint)  # AdamW, schedule, checkpoints, resume
+        session.done(export(cfg, built, dist))  # the adapter, or a model directory
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from model.checkpoint import Checkpoint
+from model.source import Checkpoint
 
-from . import checkpoint as ckpt_io
+from . import steps
 from .config import ConfigError, TrainConfig, to_dict
 
 # Keys whose change makes a checkpoint meaningless for the new run.
@@ -79,10 +79,10 @@ def plan_resume(cfg: TrainConfig, fingerprint: str) -> ResumePlan:
     """The step to resume from and what changed; ConfigError for a change that cannot be
     resumed (or a step made by another stage or model)."""
     out = Path(cfg.output_dir)
-    path = ckpt_io.latest_complete(out)
+    path = steps.latest_complete(out)
     if path is None:
         return ResumePlan(None)
-    meta = ckpt_io.read_step_meta(path)
+    meta = steps.read_step_meta(path)
     try:
         saved_raw = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         if not isinstance(saved_raw, dict):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from data.datasets import SFTDataset
 from train.data_checks import check_data_for_model, check_length
-from train.trainer import script_main
+from train.session import TrainingRun
+from train.stages import build_for_stage
+from train.trainer import export, run
 
 
 def sft_samples(cfg, dist, built):
@@ -29,11 +31,19 @@ def sft_samples(cfg, dist, built):
         check_length(f"data.max_seq_length (unset: {cfg.data.path} has rows of {longest} tokens)",
                      longest, built.base)
     val = SFTDataset(cfg.data.path, split="val", **kw) if cfg.data.val_fraction else None
-    return data, val, data.max_seq_length
+    return data, val
 
 
 def main(argv: list[str] | None = None) -> None:
-    script_main(argv, "train/sft.py", __doc__, sft_samples, stages=("lora", "full"))
+    """The recipe: config → the model for the stage → data → the loop → the trained output."""
+    with TrainingRun(argv, "train/sft.py", __doc__, stages=("lora", "full")) as session:
+        cfg, dist = session.cfg, session.dist
+        built = session.agree(lambda: build_for_stage(cfg, dist))  # what trains; sharded, loaded
+        train, val = session.agree(lambda: sft_samples(cfg, dist, built))
+        session.ranks_on_their_own()
+        run(cfg, built, train, dist, val, seq_len=train.max_seq_length, plan=session.plan,
+            fingerprint=session.fingerprint)  # AdamW, schedule, checkpoints, resume
+        session.done(export(cfg, built, dist))  # the adapter, or a model directory
 
 
 if __name__ == "__main__":
