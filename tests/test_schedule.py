@@ -116,7 +116,7 @@ def peft_model(hf_dir: Path, cfg, base):
     import peft
     from transformers import LlamaForCausalLM
 
-    from train.trainer import initial_tensor
+    from train.stages import initial_tensor
 
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     lc = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -148,7 +148,7 @@ def check_layouts_agree(model, cfg, base, tokens: torch.Tensor) -> None:
     from model.formats.hf import permute_to_hf
     from model.lora import LoRAConfig, apply_lora
     from model.source import load_model
-    from train.trainer import initial_tensor
+    from train.stages import initial_tensor
 
     ours = apply_lora(load_model(base), LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=0.0,
                                                    targets=cfg.lora.targets))
