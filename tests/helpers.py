@@ -174,3 +174,26 @@ def metrics(out: Path) -> list[dict]:
 def losses(out: Path, key: str = "loss") -> list[float]:
     """One figure (the training loss by default) of every row that has it."""
     return [r[key] for r in metrics(out) if key in r]
+
+
+def hf_lrs(schedule: str, lr: float, warmup: int, max_steps: int, min_lr_ratio: float) -> list[float]:
+    """The rate of each optimizer step under transformers' own scheduler, stepped as the
+    Trainer steps it (optimizer.step, then scheduler.step)."""
+    import torch
+    from transformers import optimization as hf
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    if schedule == "cosine" and min_lr_ratio:
+        sched = hf.get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, max_steps, min_lr_rate=min_lr_ratio)
+    elif schedule == "cosine":
+        sched = hf.get_cosine_schedule_with_warmup(opt, warmup, max_steps)
+    elif schedule == "linear":
+        sched = hf.get_linear_schedule_with_warmup(opt, warmup, max_steps)
+    else:
+        sched = hf.get_constant_schedule_with_warmup(opt, warmup)
+    out = []
+    for _ in range(max_steps):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import losses, metrics, run, train_cmd
+from tests.helpers import hf_lrs, losses, metrics, run, train_cmd
 from train.config import OptimConfig
 from train.optim import lr_at, warmup_steps
 
@@ -30,28 +30,6 @@ SETTINGS = [
 SCHEDULES = ["cosine", "linear", "constant_with_warmup"]
 CASES = [(s, schedule) for s in SETTINGS for schedule in SCHEDULES
          if schedule == "cosine" or not s[3]]  # min_lr_ratio is a cosine setting
-
-
-def hf_lrs(schedule: str, lr: float, warmup: int, max_steps: int, min_lr_ratio: float) -> list[float]:
-    """The rate of each optimizer step under transformers' own scheduler, stepped as the
-    Trainer steps it (optimizer.step, then scheduler.step)."""
-    from transformers import optimization as hf
-
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    if schedule == "cosine" and min_lr_ratio:
-        sched = hf.get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, max_steps, min_lr_rate=min_lr_ratio)
-    elif schedule == "cosine":
-        sched = hf.get_cosine_schedule_with_warmup(opt, warmup, max_steps)
-    elif schedule == "linear":
-        sched = hf.get_linear_schedule_with_warmup(opt, warmup, max_steps)
-    else:
-        sched = hf.get_constant_schedule_with_warmup(opt, warmup)
-    out = []
-    for _ in range(max_steps):
-        out.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    return out
 
 
 def hf_warmup(ratio_or_steps: float, max_steps: int) -> int:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from model.formats import read_checkpoint
 from model.source import load_model
-from tests.helpers import losses, metrics, run, train_cmd
+from tests.helpers import hf_lrs, losses, metrics, run, train_cmd
 
 
 def close(a: list[float], b: list[float], tol: float) -> bool:
@@ -171,15 +171,7 @@ def test_metrics_and_evaluation(world, tmp_path):
     assert set(train_rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_gb",
                                   "skipped_steps", "mfu"}
     # the rate each step trained with: transformers' own schedule (warmup from 0, cosine to 0)
-    from transformers import get_cosine_schedule_with_warmup
-
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=4)
-    expected = []
-    for _ in range(4):
-        expected.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
+    expected = hf_lrs("cosine", 0.01, warmup=2, max_steps=4, min_lr_ratio=0.0)
     assert [r["lr"] for r in train_rows] == pytest.approx(expected, rel=1e-12)
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ENV, FAST, losses, metrics, one_error, run, train_cmd
+from tests.helpers import ENV, FAST, hf_lrs, losses, metrics, one_error, run, train_cmd
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -199,8 +199,6 @@ def test_truncated_step_falls_back_to_the_previous_one(world, tmp_path):
 
 
 def test_resume_takes_the_new_optimizer_settings(world, tmp_path):
-    from transformers import get_linear_schedule_with_warmup
-
     out = tmp_path / "run"
     first = [*FAST, "--optim.max_steps=4", "--checkpoint.every=2", "--optim.lr=1e-3"]
     run(train_cmd("pretrain", "stage2.yaml", world, out, *first))
@@ -213,13 +211,7 @@ def test_resume_takes_the_new_optimizer_settings(world, tmp_path):
                    "optim.beta2: 0.95 → 0.99"):
         assert change in line, line
     # steps 5..8 follow transformers' linear schedule for the new settings
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
-    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=8)
-    expected = []
-    for _ in range(8):
-        expected.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
+    expected = hf_lrs("linear", 5e-4, warmup=2, max_steps=8, min_lr_ratio=0.0)
     rows = [m for m in metrics(out) if "loss" in m]
     assert [m["step"] for m in rows] == list(range(1, 9))
     assert [m["lr"] for m in rows][4:] == pytest.approx(expected[4:], rel=1e-12)
@@ -298,15 +290,7 @@ def test_non_finite_stop_then_a_lower_rate_resumes_and_finishes(world, tmp_path)
     assert f"--optim.lr=<lower rate>: it resumes from {Path(good).name}" in line, line
     r = run([*cmd, "--optim.lr=1e-3"])  # as the message says
     assert f"resumed from {good}" in r.stdout and "optim.lr: 100000000.0 → 0.001" in r.stdout
-    from transformers import get_cosine_schedule_with_warmup
-
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=12)
-    expected = []
-    for _ in range(12):
-        expected.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
+    expected = hf_lrs("cosine", 1e-3, warmup=0, max_steps=12, min_lr_ratio=0.0)
     resumed = [m for m in metrics(out) if "loss" in m and m["step"] > int(good.split("-")[-1])]
     assert [m["step"] for m in resumed] == list(range(int(good.split("-")[-1]) + 1, 13))
     assert [m["lr"] for m in resumed] == pytest.approx(expected[-len(resumed):], rel=1e-12)
