@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from collections.abc import Callable
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tokenizer.cli import ArgumentParser, command_errors
@@ -33,13 +31,17 @@ from tokenizer.files import atomic_output_dir, sha256_file
 from tokenizer.schema import Field, check_fields
 from tokenizer.spm_io import load_sp
 
-from .formats.hf import canonical_to_hf_name, hf_to_canonical_name, permute_from_hf, permute_to_hf
+from .formats.hf import (
+    MODULE_ALIASES, TARGET_ALIASES, canonical_to_hf_name, hf_to_canonical_name, permute_from_hf,
+    permute_to_hf, rotary_heads,
+)
 from .llama import ModelArgs, ffn_hidden_dim
 from .lora import (
-    ADAPTER_CONFIG, ADAPTER_FIELDS, ADAPTER_WEIGHTS, TARGET_ALIASES, check_rank, read_adapter_config,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, StoredAdapter, adapter_tensors, is_lora_key,
+    open_adapter,
 )
 from .source import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
-from .tensor_io import FormatError, TensorSpec, open_safetensors, read_json, safe_torch_load
+from .tensor_io import FormatError, TensorFile, TensorSpec, read_json
 
 _PEFT_PREFIX = "base_model.model."
 _PEFT_LORA = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -47,7 +49,7 @@ _PEFT_LORA = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 # (`embed_tokens.modules_to_save[.default].weight`) or its untrained copy of the base's
 # (`embed_tokens.original_module.weight`), which must never be merged.
 _PEFT_SAVED = re.compile(r"(.+?)(\.modules_to_save(?:\.[^.]+)?|\.original_module)?\.weight")
-_OUR_LORA = re.compile(r"(.+)\.lora_([ab])")
+_PEFT_FACTORS = {"lora_a": "lora_A", "lora_b": "lora_B"}  # our factors' names in PEFT's files
 _VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")
 _RESIZE_HINT = "resize the base first (python -m model.resize)"
 
@@ -82,52 +84,6 @@ class AdapterWeights:
         return next((self.replace[n][0] for n in _VOCAB_ROWS if n in self.replace), None)
 
 
-class _TensorFile:
-    """An adapter's tensors (adapter_model.safetensors, else adapter_model.bin), read one
-    at a time: shapes come from the header, data only when asked for."""
-
-    def __init__(self, path: Path) -> None:
-        st, binary = path / ADAPTER_WEIGHTS, path / "adapter_model.bin"
-        self._file, self._tensors = st, None
-        if st.exists():
-            with open_safetensors(st) as f:
-                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        elif binary.exists():
-            state = safe_torch_load(binary)  # mapped: tensors are read when touched
-            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-                raise FormatError(f"{binary}: not a dictionary of tensors")
-            self._file, self._tensors = binary, state
-            self.shapes = {k: tuple(t.shape) for k, t in state.items()}
-        else:
-            raise FormatError(f"{path}: no {ADAPTER_WEIGHTS} or adapter_model.bin")
-        if not self.shapes:
-            raise FormatError(f"{self._file}: the adapter holds no tensors")
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.load([key])[key]
-
-    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        if self._tensors is not None:
-            return {k: self._tensors[k] for k in keys}
-        with safe_open(self._file, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in keys}
-
-    def equal(self, a: str, b: str, chunk_bytes: int = 64 << 20) -> bool:
-        """Whether two tensors are equal, compared a block of rows at a time."""
-        if self._tensors is not None:
-            return torch.equal(self._tensors[a], self._tensors[b])
-        shape = self.shapes[a]
-        if shape != self.shapes[b]:
-            return False
-        with safe_open(self._file, framework="pt") as f:
-            if not shape:
-                return torch.equal(f.get_tensor(a), f.get_tensor(b))
-            sa, sb = f.get_slice(a), f.get_slice(b)
-            row = 4 * max(1, math.prod(shape[1:]))  # bytes of a float32 row, an upper bound
-            step = max(1, chunk_bytes // row)
-            return all(torch.equal(sa[i:i + step], sb[i:i + step]) for i in range(0, shape[0], step))
-
-
 def read_adapter_weights(path: str | Path, n_heads: int, n_kv_heads: int) -> AdapterWeights:
     """Read one of our adapters or a PEFT LoRA adapter (detected from adapter_config.json).
 
@@ -139,11 +95,11 @@ def read_adapter_weights(path: str | Path, n_heads: int, n_kv_heads: int) -> Ada
     config = read_json(path / ADAPTER_CONFIG)
     if not isinstance(config, dict):
         raise FormatError(f"{path / ADAPTER_CONFIG}: not a JSON object")
-    tensors = _TensorFile(path)
     tokenizer = path / "tokenizer.model"
     tokenizer = tokenizer if tokenizer.exists() else None
-    if config.get("format") == "zhllama-lora":
-        return _ours(config, tensors, tokenizer, path)
+    if config.get("format") == FORMAT:
+        return _ours(open_adapter(path), tokenizer)
+    tensors = adapter_tensors(path)  # a directory without weights says so before anything else
     if config.get("peft_type") == "LORA":
         return _peft(config, tensors, n_heads, n_kv_heads, tokenizer, path)
     raise FormatError(f"{path / ADAPTER_CONFIG}: neither a zhllama nor a PEFT LoRA adapter "
@@ -164,24 +120,23 @@ PEFT_FIELDS = {
 }
 
 
-def _ours(config: dict[str, Any], tensors: _TensorFile, tokenizer: Path | None,
-          path: Path) -> AdapterWeights:
-    where = path / ADAPTER_CONFIG
-    check_fields(config, ADAPTER_FIELDS, where, FormatError)
-    check_rank(tensors.shapes, config["r"], where)
-    scaling = config["alpha"] / config["r"]
+def _ours(stored: StoredAdapter, tokenizer: Path | None) -> AdapterWeights:
+    tensors, path = stored.tensors, stored.path
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    lora_keys = [k for k in tensors.shapes if _OUR_LORA.fullmatch(k)]
+    lora_keys = [k for k in tensors.shapes if is_lora_key(k)]
     for name, t in tensors.load(lora_keys).items():
-        m = _OUR_LORA.fullmatch(name)
-        factors.setdefault(m.group(1) + ".weight", {})[m.group(2)] = t
+        stem, _, factor = name.rpartition(".")
+        factors.setdefault(stem + ".weight", {})[factor] = t
     replace = {k: shape for k, shape in tensors.shapes.items() if k not in lora_keys}
-    lora = {n: (f["a"], f["b"], scaling) for n, f in factors.items() if {"a", "b"} <= f.keys()}
+    scaling = stored.config.scaling
+    lora = {n: (f["lora_a"], f["lora_b"], scaling) for n, f in factors.items()
+            if {"lora_a", "lora_b"} <= f.keys()}
     if len(lora) != len(factors):
         raise FormatError(f"{path}: a LoRA factor without its partner")
-    base = {k: config.get(k) for k in ("base_vocab_size", "vocab_size", "base_params",
-                                       "tokenizer_sha256", "base_tensors_sha256")}
-    return AdapterWeights(lora, replace, tensors.get, tokenizer, path, base, config.get("template"))
+    meta = stored.meta
+    base = {k: meta.get(k) for k in ("base_vocab_size", "vocab_size", "base_params",
+                                     "tokenizer_sha256", "base_tensors_sha256")}
+    return AdapterWeights(lora, replace, tensors.get, tokenizer, path, base, meta.get("template"))
 
 
 def _peft_rank(config: dict[str, Any], module: str) -> tuple[int, str]:
@@ -211,7 +166,7 @@ def _check_peft_rank(config: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                               f"{list(shape)} (expected {want})")
 
 
-def _peft_whole_weights(config: dict[str, Any], tensors: _TensorFile, path: Path) -> dict[str, str]:
+def _peft_whole_weights(config: dict[str, Any], tensors: TensorFile, path: Path) -> dict[str, str]:
     """Canonical name → file key of each whole weight that replaces the base's.
 
     PEFT saves a `modules_to_save` layer up to three times: the trained copy, the same
@@ -243,7 +198,7 @@ def _peft_whole_weights(config: dict[str, Any], tensors: _TensorFile, path: Path
     return {ours: keys.get("trained", keys.get("plain")) for ours, keys in found.items()}
 
 
-def _peft(config: dict[str, Any], tensors: _TensorFile, n_heads: int, n_kv_heads: int,
+def _peft(config: dict[str, Any], tensors: TensorFile, n_heads: int, n_kv_heads: int,
           tokenizer: Path | None, path: Path) -> AdapterWeights:
     where = path / ADAPTER_CONFIG
     check_fields(config, PEFT_FIELDS, where, FormatError)
@@ -257,7 +212,6 @@ def _peft(config: dict[str, Any], tensors: _TensorFile, n_heads: int, n_kv_heads
         m = _PEFT_LORA.fullmatch(key.removeprefix(_PEFT_PREFIX))
         factors.setdefault(m.group(1), {})[m.group(2)] = t
     lora = {}
-    heads = {"wq": n_heads, "wk": n_kv_heads}
     for module, f in factors.items():
         ours = hf_to_canonical_name(module + ".weight")
         if ours is None or {"A", "B"} - f.keys():
@@ -265,9 +219,9 @@ def _peft(config: dict[str, Any], tensors: _TensorFile, n_heads: int, n_kv_heads
         a, b = f["A"], f["B"]
         # fan_in_fan_out describes GPT-2's transposed Conv1D weights; on nn.Linear layers
         # (all of LLaMA's) PEFT itself resets it to False, so the delta is B·A either way.
-        kind = ours.split(".")[-2]
-        if kind in heads:  # B's rows are HF's rotary layout; A (the input side) is unaffected
-            b = permute_from_hf(b, heads[kind])
+        heads = rotary_heads(ours, n_heads, n_kv_heads)
+        if heads is not None:  # B's rows are HF's rotary layout; A (the input side) is unaffected
+            b = permute_from_hf(b, heads)
         lora[ours] = (a, b, _peft_scaling(config, module))
     replace = {ours: tensors.shapes[key] for ours, key in whole.items()}
     return AdapterWeights(lora, replace, lambda name: tensors.get(whole[name]), tokenizer, path)
@@ -436,32 +390,30 @@ def write_peft_adapter(src: str | Path, dst: str | Path, overwrite: bool = False
     """Write one of our adapters in PEFT's layout, loadable with `PeftModel.from_pretrained`
     over our Hugging Face export of the same base."""
     src = Path(src)
-    where = src / ADAPTER_CONFIG
-    config = read_adapter_config(src)
-    params = config.get("base_params") or {}
+    stored = open_adapter(src)
+    config, params = stored.config, stored.meta.get("base_params") or {}
     if "n_heads" not in params:
-        raise FormatError(f"{where}: base_params (head counts) missing; re-save the adapter")
+        raise FormatError(f"{src / ADAPTER_CONFIG}: base_params (head counts) missing; re-save the adapter")
     n_heads = params["n_heads"]
-    heads = {"wq": n_heads, "wk": params.get("n_kv_heads") or n_heads}
+    n_kv_heads = params.get("n_kv_heads") or n_heads
     tensors = {}
-    stored = _TensorFile(src)
-    check_rank(stored.shapes, config["r"], where)
-    for name, t in stored.load(list(stored.shapes)).items():
-        if m := _OUR_LORA.fullmatch(name):
-            hf = canonical_to_hf_name(m.group(1) + ".weight").removesuffix(".weight")
-            kind = m.group(1).split(".")[-1]
-            if m.group(2) == "b" and kind in heads:
-                t = permute_to_hf(t, heads[kind])
-            tensors[f"{_PEFT_PREFIX}{hf}.lora_{m.group(2).upper()}.weight"] = t.contiguous()
+    for name, t in stored.tensors.load(list(stored.tensors.shapes)).items():
+        if is_lora_key(name):
+            stem, _, factor = name.rpartition(".")
+            hf = canonical_to_hf_name(stem + ".weight").removesuffix(".weight")
+            heads = rotary_heads(stem + ".weight", n_heads, n_kv_heads)
+            if factor == "lora_b" and heads is not None:
+                t = permute_to_hf(t, heads)
+            tensors[f"{_PEFT_PREFIX}{hf}.{_PEFT_FACTORS[factor]}.weight"] = t.contiguous()
         else:
             tensors[_PEFT_PREFIX + canonical_to_hf_name(name)] = t.contiguous()
-    hf_names = {v: k for k, v in TARGET_ALIASES.items()}
-    saved = {"tok_embeddings": "embed_tokens", "output": "lm_head"}
+    hf_targets = {ours: hf for hf, ours in TARGET_ALIASES.items()}
+    hf_modules = {ours: hf for hf, ours in MODULE_ALIASES.items()}
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config["r"],
-        "lora_alpha": config["alpha"], "lora_dropout": config.get("dropout", 0.0),
-        "target_modules": [hf_names.get(t, t) for t in config.get("targets") or ()],
-        "modules_to_save": [saved.get(m, m) for m in config.get("modules_to_save") or ()] or None,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r,
+        "lora_alpha": stored.meta["alpha"], "lora_dropout": config.dropout,
+        "target_modules": [hf_targets[t] for t in config.targets],
+        "modules_to_save": [hf_modules.get(m, m) for m in config.modules_to_save] or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "base_model_name_or_path": None,
     }

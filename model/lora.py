@@ -8,22 +8,26 @@ The API: `apply_lora` swaps named projections for LoRA ones, `mark_trainable` fr
 everything but LoRA and the `modules_to_save` (for Chinese-LLaMA: the grown embeddings and
 output layer), `save_adapter` / `load_adapter` write and read the trainable tensors only,
 `fold_lora` folds B·A into W.
+
+The LoRA vocabulary lives here once: `LoRAConfig` (what a model is adapted with),
+`LoRASettings` (what a training config asks for, the defaults filled by `resolve`),
+`is_adapter_key` (which tensors an adapter holds), and our adapter format, written by
+`save_adapter` and read by `open_adapter` alone (whole by `read_adapter`, lazily by
+`model.adapters` for merging and PEFT export).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import safetensors
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -31,17 +35,17 @@ from tokenizer.files import atomic_output_dir, sha256_file
 from tokenizer.schema import Field, check_fields
 from tokenizer.templates import TEMPLATES
 
+# Users' configs come from PEFT, which names modules after Hugging Face's Llama.
+from .formats.hf import MODULE_ALIASES, TARGET_ALIASES
 from .llama import PARAMS_FIELDS
 from .source import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
-from .tensor_io import FormatError, read_json
+from .tensor_io import FormatError, TensorFile, read_json
 
-# Users' configs come from PEFT, which names modules after Hugging Face's Llama.
-TARGET_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
-                  "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-MODULE_ALIASES = {"embed_tokens": "tok_embeddings", "lm_head": "output"}
 ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # PEFT's older files
 ADAPTER_CONFIG = "adapter_config.json"
+LORA_FACTORS = ("lora_a", "lora_b")  # A (r, in) and B (out, r), by their parameter names
 FORMAT = "zhllama-lora"
 
 # What each key of our adapter_config.json may hold, checked before a tensor is read.
@@ -92,6 +96,100 @@ def canonical_target(name: str) -> str:
         raise ValueError(f"unknown LoRA target {name!r}; use {', '.join(ALL_TARGETS)} "
                          f"or {', '.join(TARGET_ALIASES)}")
     return name
+
+
+# Chinese-LLaMA trains its grown embeddings and output layer in full beside the LoRA
+# factors: what a training config saves unless it says otherwise. Plain LoRA (a bare
+# `LoRAConfig`) saves no whole module.
+RECIPE_MODULES_TO_SAVE = ("tok_embeddings", "output")
+# What `LoRASettings.resolve` takes from an adapter being continued.
+ADAPTER_SETTINGS = ("r", "alpha", "targets", "modules_to_save")
+
+
+class SettingsConflict(ValueError):
+    """A setting given that contradicts the adapter being continued."""
+
+    def __init__(self, key: str, given: Any, found: Any) -> None:
+        super().__init__(f"{key}: {given!r} is set, the adapter has {found!r}")
+        self.key, self.given, self.found = key, given, found
+
+
+@dataclass
+class LoRASettings:
+    """What a training config asks of LoRA (its `lora:` section), before defaults.
+
+    A field left None is the adapter's when one is continued (`init_from`), else the
+    default: `LoRAConfig`'s r, alpha and targets (Chinese-LLaMA's r 8, α 32, all seven
+    projections) and `RECIPE_MODULES_TO_SAVE`. Names stay as written (ours or PEFT's);
+    `resolve` makes them ours.
+    """
+
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float = LoRAConfig.dropout
+    targets: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    # An adapter to continue training (ours or PEFT's, e.g. Chinese-Alpaca's): its LoRA
+    # factors and embeddings are the starting point.
+    init_from: str | None = None
+
+    def resolve(self, adapter: Mapping[str, Any] | None = None) -> LoRAConfig:
+        """The LoRA to train.
+
+        Args:
+            adapter: the `ADAPTER_SETTINGS` of the adapter being continued (as read from
+                its tensors); they fill the unset fields, and a set field must agree with
+                them (compared in our names: q_proj is wq, order aside).
+
+        Raises:
+            SettingsConflict: a set field that contradicts `adapter`.
+            ValueError: an unknown target name.
+        """
+        given = {k: getattr(self, k) for k in ADAPTER_SETTINGS}
+        if adapter is None:
+            defaults = {"r": LoRAConfig.r, "alpha": LoRAConfig.alpha, "targets": LoRAConfig.targets,
+                        "modules_to_save": RECIPE_MODULES_TO_SAVE}
+            return self._config({k: defaults[k] if v is None else v for k, v in given.items()})
+        theirs = self._config(adapter)
+        for key, value in given.items():
+            if value is None:
+                continue
+            mine = getattr(self._config({**adapter, key: value}), key)
+            if _unordered(mine) != _unordered(getattr(theirs, key)):
+                raise SettingsConflict(key, value, adapter[key])
+        return theirs
+
+    def _config(self, values: Mapping[str, Any]) -> LoRAConfig:
+        return LoRAConfig(r=values["r"], alpha=float(values["alpha"]), dropout=self.dropout,
+                          targets=tuple(values["targets"]),
+                          modules_to_save=tuple(values["modules_to_save"]))
+
+
+def _unordered(value: Any) -> Any:
+    return sorted(value) if isinstance(value, tuple) else value
+
+
+def is_lora_key(name: str) -> bool:
+    """Whether a parameter (or state-dict key) is a LoRA factor: `*.lora_a`, `*.lora_b`."""
+    return name.endswith(tuple("." + f for f in LORA_FACTORS))
+
+
+def in_module(name: str, module: str) -> bool:
+    """Whether a parameter belongs to `module` (a module's name, as `tok_embeddings`)."""
+    return name.startswith(module + ".")
+
+
+def is_adapter_key(name: str, modules_to_save: Iterable[str]) -> bool:
+    """Whether an adapter holds this tensor: a LoRA factor, or one of a module saved whole.
+
+    `modules_to_save` in our names (`LoRAConfig` has made them so).
+    """
+    return is_lora_key(name) or any(in_module(name, m) for m in modules_to_save)
+
+
+def adapter_keys(names: Iterable[str], config: LoRAConfig) -> set[str]:
+    """The names among `names` (a state dict's keys) that an adapter of `config` holds."""
+    return {n for n in names if is_adapter_key(n, config.modules_to_save)}
 
 
 class LoRALinear(nn.Linear):
@@ -177,9 +275,7 @@ def mark_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> lis
             raise ValueError(f"modules_to_save: the model has no module {m!r}")
     trainable = []
     for name, p in model.named_parameters():
-        is_lora = name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
-        saved = any(name == m or name.startswith(m + ".") for m in modules_to_save)
-        p.requires_grad_(is_lora or saved)
+        p.requires_grad_(is_adapter_key(name, modules_to_save))
         if p.requires_grad:
             trainable.append(name)
     return trainable
@@ -187,13 +283,9 @@ def mark_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> lis
 
 def adapter_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
     """The tensors an adapter holds: every LoRA factor and the modules to save, by name."""
-    state = {}
-    for name, t in model.state_dict().items():
-        is_lora = name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
-        saved = any(name.startswith(m + ".") for m in config.modules_to_save)
-        if is_lora or saved:
-            state[name] = t
-    return state
+    state = model.state_dict()
+    keys = adapter_keys(state, config)
+    return {name: t for name, t in state.items() if name in keys}
 
 
 def save_adapter(
@@ -218,9 +310,9 @@ def save_adapter(
     """
     if template is not None and template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
-    if not any(n.endswith(("lora_a", "lora_b")) for n in state):
+    if not any(is_lora_key(n) for n in state):
         raise ValueError("refusing to save an adapter with no LoRA tensors")
-    missing = [m for m in config.modules_to_save if not any(n.startswith(m + ".") for n in state)]
+    missing = [m for m in config.modules_to_save if not any(in_module(n, m) for n in state)]
     with_a = {n.removesuffix(".lora_a") for n in state if n.endswith(".lora_a")}
     with_b = {n.removesuffix(".lora_b") for n in state if n.endswith(".lora_b")}
     unpaired = sorted(with_a ^ with_b)
@@ -260,26 +352,57 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     return check_fields(meta, ADAPTER_FIELDS, where, FormatError)
 
 
-def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, the whole adapter_config.json, tensors) of one of our adapters."""
+@dataclass(frozen=True)
+class StoredAdapter:
+    """One of our adapters on disk, checked: its config, its whole adapter_config.json,
+    and its tensors (shapes known, data read when asked for)."""
+
+    path: Path
+    config: LoRAConfig
+    meta: dict[str, Any]
+    tensors: TensorFile
+
+
+def adapter_tensors(path: str | Path) -> TensorFile:
+    """An adapter directory's tensors: adapter_model.safetensors, else PEFT's adapter_model.bin.
+
+    Raises:
+        FormatError: neither file is there, or the one there holds no tensors.
+    """
     path = Path(path)
+    st, binary = path / ADAPTER_WEIGHTS, path / ADAPTER_WEIGHTS_BIN
+    if not st.exists() and not binary.exists():
+        raise FormatError(f"{path}: no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}")
+    tensors = TensorFile(st if st.exists() else binary)
+    if not tensors.shapes:
+        raise FormatError(f"{tensors.file}: the adapter holds no tensors")
+    return tensors
+
+
+def open_adapter(path: str | Path) -> StoredAdapter:
+    """Open one of our adapters: the only reader of the format `save_adapter` writes.
+
+    Every key of adapter_config.json is checked (`ADAPTER_FIELDS`), its targets must be
+    LoRA targets, and the factors' shapes must agree with its r, all before a tensor is read.
+    """
+    path = Path(path)
+    where = path / ADAPTER_CONFIG
     meta = read_adapter_config(path)
     try:
         config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta.get("dropout", 0.0),
                             targets=tuple(meta["targets"]),
                             modules_to_save=tuple(meta.get("modules_to_save", ())))
     except ValueError as e:  # an unknown target name
-        raise FormatError(f"{path / ADAPTER_CONFIG}: {e}") from None
-    try:
-        with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as f:
-            check_rank({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, config.r,
-                       path / ADAPTER_CONFIG)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, safetensors.SafetensorError) as e:
-        raise FormatError(f"{path / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
-    if not tensors:
-        raise FormatError(f"{path / ADAPTER_WEIGHTS}: the adapter holds no tensors")
-    return config, meta, tensors
+        raise FormatError(f"{where}: {e}") from None
+    tensors = adapter_tensors(path)
+    check_rank(tensors.shapes, config.r, where)
+    return StoredAdapter(path, config, meta, tensors)
+
+
+def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, the whole adapter_config.json, tensors) of one of our adapters, read whole."""
+    stored = open_adapter(path)
+    return stored.config, stored.meta, stored.tensors.load(list(stored.tensors.shapes))
 
 
 def check_rank(shapes: dict[str, tuple[int, ...]], r: int, where: str | Path) -> None:
@@ -293,7 +416,7 @@ def check_rank(shapes: dict[str, tuple[int, ...]], r: int, where: str | Path) ->
     """
     for name, shape in shapes.items():
         kind = name.rsplit(".", 1)[-1]
-        if kind not in ("lora_a", "lora_b"):
+        if not is_lora_key(name):
             continue
         if len(shape) != 2 or shape[0 if kind == "lora_a" else 1] != r:
             want = f"[{r}, in]" if kind == "lora_a" else f"[out, {r}]"
@@ -344,7 +467,7 @@ def init_lora_parameters(model: nn.Module) -> None:
 
 
 __all__ = [
-    "LoRAConfig", "LoRALinear", "apply_lora", "mark_trainable", "adapter_state_dict",
-    "save_adapter", "read_adapter", "load_adapter", "fold_lora", "init_lora_parameters",
-    "canonical_target",
+    "LoRAConfig", "LoRASettings", "LoRALinear", "apply_lora", "mark_trainable",
+    "is_adapter_key", "adapter_keys", "adapter_state_dict", "save_adapter", "open_adapter",
+    "read_adapter", "load_adapter", "fold_lora", "init_lora_parameters", "canonical_target",
 ]

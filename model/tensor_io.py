@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import math
 import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -303,6 +304,47 @@ def open_safetensors(path: Path) -> Any:
         return safe_open(path, framework="pt")
     except Exception as e:  # safetensors raises its own error types
         raise FormatError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+
+
+class TensorFile:
+    """The tensors of one safetensors file or torch `.bin`, read one at a time: shapes come
+    from the header (or the mapped pickle), data only when asked for."""
+
+    def __init__(self, file: Path) -> None:
+        self.file, self._tensors = file, None
+        if file.suffix == ".safetensors":
+            with open_safetensors(file) as f:
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            state = safe_torch_load(file)  # mapped: tensors are read when touched
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise FormatError(f"{file}: not a dictionary of tensors")
+            self._tensors = state
+            self.shapes = {k: tuple(t.shape) for k, t in state.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.load([key])[key]
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        if self._tensors is not None:
+            return {k: self._tensors[k] for k in keys}
+        with safe_open(self.file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+
+    def equal(self, a: str, b: str, chunk_bytes: int = 64 << 20) -> bool:
+        """Whether two tensors are equal, compared a block of rows at a time."""
+        if self._tensors is not None:
+            return torch.equal(self._tensors[a], self._tensors[b])
+        shape = self.shapes[a]
+        if shape != self.shapes[b]:
+            return False
+        with safe_open(self.file, framework="pt") as f:
+            if not shape:
+                return torch.equal(f.get_tensor(a), f.get_tensor(b))
+            sa, sb = f.get_slice(a), f.get_slice(b)
+            row = 4 * max(1, math.prod(shape[1:]))  # bytes of a float32 row, an upper bound
+            step = max(1, chunk_bytes // row)
+            return all(torch.equal(sa[i:i + step], sb[i:i + step]) for i in range(0, shape[0], step))
 
 
 def _first_line(e: BaseException) -> str:

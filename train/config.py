@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from model.lora import LoRASettings
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -62,24 +64,6 @@ class OptimConfig:
     clip_grad_norm: float | None = 1.0
 
 
-LORA_DEFAULTS = {"r": 8, "alpha": 32.0, "targets": ("wq", "wk", "wv", "wo", "w1", "w2", "w3"),
-                 "modules_to_save": ("tok_embeddings", "output")}
-
-
-@dataclass
-class LoRASection:
-    # Unset (null): the adapter's values with init_from, else LORA_DEFAULTS (Chinese-LLaMA's
-    # r 8, α 32, all seven projections, embeddings and output trained in full).
-    r: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.05
-    targets: tuple[str, ...] | None = None
-    modules_to_save: tuple[str, ...] | None = None
-    # An adapter to continue training (ours or PEFT's, e.g. Chinese-Alpaca's): its LoRA
-    # factors and embeddings are the starting point.
-    init_from: str | None = None
-
-
 @dataclass
 class ParallelConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -115,7 +99,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoRASection = field(default_factory=LoRASection)
+    # the model's own LoRA settings (model/lora.py): null fields take the defaults, or the
+    # adapter's with lora.init_from
+    lora: LoRASettings = field(default_factory=LoRASettings)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)

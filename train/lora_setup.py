@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from model.adapters import AdapterWeights, merge_adapter, read_adapter_weights
-from model.lora import LoRAConfig
+from model.lora import LoRAConfig, LoRASettings, SettingsConflict
 from model.source import Checkpoint
 
-from .config import LORA_DEFAULTS, ConfigError, LoRASection
+from .config import ConfigError
 
 
 @dataclass
@@ -30,28 +30,19 @@ class LoRAPlan:
     init: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name → start value
 
 
-def plan_lora(section: LoRASection, base: Checkpoint) -> LoRAPlan:
+def plan_lora(section: LoRASettings, base: Checkpoint) -> LoRAPlan:
     """The LoRA to train over `base`, per the config section."""
-    chosen = {k: getattr(section, k) for k in LORA_DEFAULTS}
     if section.init_from is None:
-        values = {k: LORA_DEFAULTS[k] if v is None else v for k, v in chosen.items()}
-        return LoRAPlan(_config(values, section.dropout), base)
+        return LoRAPlan(_resolve(section), base)
     adapter = read_adapter_weights(section.init_from, base.args.n_heads, base.args.kv_heads)
     found = adapter_settings(adapter)
-    given = {k: v for k, v in chosen.items() if v is not None}
-    for key, value in given.items():  # compared in canonical names (q_proj is wq)
-        mine, theirs = (getattr(_config(v, 0.0), key) for v in ({**found, key: value}, found))
-        if (sorted(mine) if isinstance(mine, tuple) else mine) != (
-                sorted(theirs) if isinstance(theirs, tuple) else theirs):
-            raise ConfigError(f"lora.{key}: the config says {_show(value)}, the adapter "
-                              f"{section.init_from} has {_show(found[key])}; leave lora.{key} unset "
-                              "to take the adapter's, or choose another adapter")
+    config = _resolve(section, found)
     grown = merge_adapter(base, dataclasses.replace(adapter, lora={}))  # only its embeddings
     init: dict[str, torch.Tensor] = {}
     for weight, (a, b, _) in adapter.lora.items():
         stem = weight.removesuffix(".weight")
         init[f"{stem}.lora_a"], init[f"{stem}.lora_b"] = a, b
-    return LoRAPlan(_config(found, section.dropout), grown, init)
+    return LoRAPlan(config, grown, init)
 
 
 def adapter_settings(adapter: AdapterWeights) -> dict[str, Any]:
@@ -75,10 +66,14 @@ def adapter_settings(adapter: AdapterWeights) -> dict[str, Any]:
     return {"r": r, "alpha": scalings.pop() * r, "targets": tuple(targets), "modules_to_save": saved}
 
 
-def _config(values: dict[str, Any], dropout: float) -> LoRAConfig:
+def _resolve(section: LoRASettings, found: dict[str, Any] | None = None) -> LoRAConfig:
+    """`section.resolve`, its errors in the config's words."""
     try:
-        return LoRAConfig(r=values["r"], alpha=float(values["alpha"]), dropout=dropout,
-                          targets=tuple(values["targets"]), modules_to_save=tuple(values["modules_to_save"]))
+        return section.resolve(found)
+    except SettingsConflict as e:
+        raise ConfigError(f"lora.{e.key}: the config says {_show(e.given)}, the adapter "
+                          f"{section.init_from} has {_show(e.found)}; leave lora.{e.key} unset "
+                          "to take the adapter's, or choose another adapter") from None
     except ValueError as e:
         raise ConfigError(f"lora: {e}") from None
 

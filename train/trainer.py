@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from data.shards import read_meta
 from model.formats import write_model_dir
-from model.lora import LoRAConfig, save_adapter
+from model.lora import adapter_keys, save_adapter
 from model.source import from_state_dict
 from model.tensor_io import parse_dtype
 from tokenizer.files import sha256_file
@@ -269,11 +269,3 @@ def export(cfg: TrainConfig, built: Built, dist: DistInfo) -> Path:
         trained = from_state_dict(state, built.base.args, tokenizer).replace(template=template)
         write_model_dir(trained, out / "model", overwrite=True, progress=False)
     return out / "model"
-
-
-def adapter_keys(state: dict[str, torch.Tensor], lora: LoRAConfig) -> set[str]:
-    return {k for k in state if k.endswith((".lora_a", ".lora_b"))
-            or any(k.startswith(m + ".") for m in lora.modules_to_save)}
-
-
-

@@ -27,7 +27,9 @@ from ..tensor_io import (
 )
 from .progress import tensor_progress
 
-_LAYER_NAMES = {
+# Hugging Face's Llama names against ours (Meta's): the one table, read by conversion, by
+# the adapter reader (PEFT names modules after Hugging Face) and by the PEFT export.
+_PROJECTIONS = {  # inside a block: the linear layers, which LoRA may adapt
     "self_attn.q_proj": "attention.wq",
     "self_attn.k_proj": "attention.wk",
     "self_attn.v_proj": "attention.wv",
@@ -35,14 +37,18 @@ _LAYER_NAMES = {
     "mlp.gate_proj": "feed_forward.w1",
     "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3",
+}
+_LAYER_NAMES = {
+    **_PROJECTIONS,
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-_TOP_NAMES = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
+_TOP_MODULES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+_TOP_NAMES = {f"{hf}.weight": f"{ours}.weight" for hf, ours in _TOP_MODULES.items()}
+# PEFT's configs name a module by its last component: target_modules q_proj is our wq,
+# modules_to_save embed_tokens our tok_embeddings.
+TARGET_ALIASES = {hf.rsplit(".", 1)[-1]: ours.rsplit(".", 1)[-1] for hf, ours in _PROJECTIONS.items()}
+MODULE_ALIASES = {hf.rsplit(".", 1)[-1]: ours for hf, ours in _TOP_MODULES.items()}
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 # Buffers some old exports saved; they are recomputed, never loaded.
@@ -74,6 +80,13 @@ def canonical_to_hf_name(name: str) -> str:
     if not m or m.group(2) not in inverse:
         raise KeyError(name)
     return f"model.layers.{m.group(1)}.{inverse[m.group(2)]}.weight"
+
+
+def rotary_heads(name: str, n_heads: int, n_kv_heads: int) -> int | None:
+    """The head count to permute a canonical weight's rows with between the layouts: wq's
+    n_heads, wk's n_kv_heads (grouped-query attention), None for every other weight."""
+    kind = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return {"wq": n_heads, "wk": n_kv_heads}.get(kind) if name.startswith("layers.") else None
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -228,12 +241,11 @@ def read_hf(path: str | Path) -> Checkpoint:
         names["output.weight"] = names.get("tok_embeddings.weight", "model.embed_tokens.weight")
     specs = check_specs({n: files.spec(h) for n, h in names.items()}, args, path,
                         declared="config.json num_hidden_layers")
-    heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}
 
     def get(name: str) -> torch.Tensor:
         t = files.get(names[name])
-        kind = name.split(".", 2)[-1].removesuffix(".weight")
-        return permute_from_hf(t, heads[kind]) if kind in heads else t
+        heads = rotary_heads(name, args.n_heads, args.kv_heads)
+        return t if heads is None else permute_from_hf(t, heads)
 
     tokenizer = path / "tokenizer.model"
     return Checkpoint("hf", path, args, specs, get, tokenizer if tokenizer.exists() else None)
@@ -296,13 +308,12 @@ def write_hf(
     config = hf_config(args, ckpt.main_dtype(), ckpt.tokenizer)
     hf_names = {canonical_to_hf_name(n): n for n in ckpt.specs}
     specs = {h: ckpt.specs[n] for h, n in hf_names.items()}
-    heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}
 
     def get(hf_name: str) -> torch.Tensor:
         name = hf_names[hf_name]
         t = ckpt.get(name)
-        kind = name.split(".", 2)[-1].removesuffix(".weight")
-        return permute_to_hf(t, heads[kind]) if kind in heads else t
+        heads = rotary_heads(name, args.n_heads, args.kv_heads)
+        return t if heads is None else permute_to_hf(t, heads)
 
     with atomic_output_dir(dst, overwrite, inputs=(ckpt.path, ckpt.tokenizer, *inputs)) as out, \
             tensor_progress(specs, "hf", progress) as tick:
