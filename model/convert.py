@@ -22,13 +22,11 @@ from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import Inputs, check_output_against_inputs
 from tokenizer.templates import TEMPLATES
 
-from .formats import read_checkpoint, write_hf, write_meta, write_model_dir
-from .formats.gguf import write_gguf
-from .source import Checkpoint, check_tokenizer_rows, pad_vocab, with_dtype
-from .tensor_io import parse_dtype, return_freed_memory_promptly
+from .formats import FORMATS, WriteOptions, find_format, read_checkpoint, write_checkpoint, write_names
+from .source import Checkpoint, check_tokenizer_rows
+from .tensor_io import return_freed_memory_promptly
 
-TARGETS = ("zhllama", "hf", "meta", "gguf")
-GGUF_DTYPES = {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16", "q8_0": "q8_0"}
+TARGETS = write_names()
 
 
 def parse_size(text: str) -> int:
@@ -107,38 +105,19 @@ def write(
     `inputs`: paths it was made from besides its own path and tokenizer, which `dst` may
     not overlap either. `template`: see `convert`.
     """
-    if template is not None and to != "hf":
-        raise ValueError(f"--template: a chat template goes into Hugging Face output only, not {to}")
+    fmt = find_format(to)
+    if template is not None and not fmt.chat_template:
+        takes = " or ".join(f.title for f in FORMATS if f.chat_template)
+        raise ValueError(f"--template: a chat template goes into {takes} output only, not {to}")
     if template is not None and ckpt.tokenizer is None:
         raise ValueError("--template: no tokenizer to write the chat template for; pass --tokenizer")
     if template is not None and ckpt.template not in (None, template):
         print(f"note: --template {template} instead of {ckpt.template}, which the model records",
               file=sys.stderr)
-    if to == "gguf":
-        if dtype is not None and dtype not in GGUF_DTYPES:
-            raise ValueError(f"--dtype {dtype} is not a GGUF type; use f32, f16 or q8_0")
-        ckpt = pad_vocab(ckpt, pad_vocab_to_multiple_of)
-        write_gguf(ckpt, dst, GGUF_DTYPES[dtype or "f16"], overwrite=overwrite, progress=progress,
-                   inputs=inputs)
-        return ckpt
-    if dtype == "q8_0":
-        raise ValueError("--dtype q8_0 is only for --to gguf")
-    ckpt = pad_vocab(with_dtype(ckpt, parse_dtype(dtype)), pad_vocab_to_multiple_of)
-    if ckpt.tokenizer is None:
-        print(f"warning: no tokenizer.model found for {ckpt.path}; pass --tokenizer to include one",
-              file=sys.stderr)
-    if to == "meta":
-        write_meta(ckpt, dst, n_shards=shards, overwrite=overwrite, progress=progress,
-                   inputs=inputs)
-    elif shards != 1:
-        raise ValueError("--shards applies to --to meta; use --max_shard_size for safetensors")
-    elif to == "hf":
-        write_hf(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
-                 inputs=inputs, template=template)
-    else:
-        write_model_dir(ckpt, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+    opts = WriteOptions(dtype=dtype, shards=shards, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
+                        max_shard_bytes=max_shard_bytes, template=template, overwrite=overwrite,
                         progress=progress, inputs=inputs)
-    return ckpt
+    return write_checkpoint(ckpt, dst, fmt.name, opts)
 
 
 def build_parser() -> argparse.ArgumentParser:

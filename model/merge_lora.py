@@ -30,13 +30,13 @@ from tokenizer.spm_io import load_sp
 from tokenizer.templates import TEMPLATES
 
 from .adapters import merge_adapter, read_adapter_weights
-from .convert import GGUF_DTYPES, size_option, write
-from .formats import read_checkpoint
+from .convert import size_option, write
+from .formats import find_format, read_checkpoint, write_names
 from .source import Checkpoint
 from .tensor_io import FormatError, return_freed_memory_promptly
 
-OUTPUT_TYPES = {"zhllama": "zhllama", "huggingface": "hf", "hf": "hf", "pth": "meta",
-                "meta": "meta", "gguf": "gguf"}
+# Every format written, by its name or by the Chinese-LLaMA-Alpaca script's (huggingface, pth).
+OUTPUT_TYPES = write_names(aliases=True)
 
 
 def merge(base_model: str | Path, lora_models: list[str | Path], *,
@@ -67,10 +67,10 @@ def merge(base_model: str | Path, lora_models: list[str | Path], *,
 
 
 def output_path(output_dir: Path, output_type: str, dtype: str | None) -> Path:
-    """Where the result goes: the directory itself, or a .gguf file inside it."""
-    if OUTPUT_TYPES[output_type] == "gguf":
-        return output_dir / f"model-{GGUF_DTYPES.get(dtype or 'f16', dtype)}.gguf"
-    return output_dir
+    """Where the result goes: the directory itself, or for a single-file format (GGUF) its
+    file inside it."""
+    fmt = find_format(output_type)
+    return output_dir if fmt.file_name is None else output_dir / fmt.file_name(dtype)
 
 
 def write_output(ckpt: Checkpoint, output_dir: str | Path, output_type: str, *,
@@ -82,14 +82,14 @@ def write_output(ckpt: Checkpoint, output_dir: str | Path, output_type: str, *,
     is itself created whole, so a failure leaves no empty directory behind. The output
     may not overlap `inputs` (the base, the adapters, a tokenizer given).
     """
-    to, out_dir = OUTPUT_TYPES[output_type], Path(output_dir)
+    fmt, out_dir = find_format(output_type), Path(output_dir)
     dst = output_path(out_dir, output_type, options.get("dtype"))
     inputs = (ckpt.path, ckpt.tokenizer, *inputs)
-    if to != "gguf" or out_dir.is_dir():
-        write(ckpt, dst, to, overwrite=overwrite, inputs=inputs, **options)
+    if fmt.file_name is None or out_dir.is_dir():
+        write(ckpt, dst, fmt.name, overwrite=overwrite, inputs=inputs, **options)
     else:
         with atomic_output_dir(out_dir, inputs=inputs) as tmp:
-            write(ckpt, tmp / dst.name, to, inputs=inputs, **options)
+            write(ckpt, tmp / dst.name, fmt.name, inputs=inputs, **options)
     return dst
 
 

@@ -28,10 +28,13 @@ from tqdm.auto import tqdm
 
 from tokenizer.files import Inputs, atomic_output_file
 
-from ..source import Checkpoint
+from ..source import Checkpoint, pad_vocab
 from ..tensor_io import FormatError
+from .options import WriteOptions
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
+# --dtype as the commands take it → the GGUF type written (default f16)
+GGUF_DTYPES = {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16", "q8_0": "q8_0"}
 _TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
         "output.weight": "output.weight"}
 _LAYER = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
@@ -171,3 +174,18 @@ def write_gguf(ckpt: Checkpoint, dst: str | Path, ftype: str = "f16", *, overwri
             w.write_tensor_data(_encode(ckpt.get(name), types[name], gguf))
         w.close()
     return Path(dst)
+
+
+# The registry's protocol (model/formats/__init__.py); write only: a GGUF is for llama.cpp.
+def write(ckpt: Checkpoint, dst: Path, opts: WriteOptions) -> Checkpoint:
+    if opts.dtype is not None and opts.dtype not in GGUF_DTYPES:
+        raise ValueError(f"--dtype {opts.dtype} is not a GGUF type; use f32, f16 or q8_0")
+    ckpt = pad_vocab(ckpt, opts.pad_vocab_to_multiple_of)
+    write_gguf(ckpt, dst, GGUF_DTYPES[opts.dtype or "f16"], overwrite=opts.overwrite,
+               progress=opts.progress, inputs=opts.inputs)
+    return ckpt
+
+
+def file_name(dtype: str | None) -> str:
+    """The file written inside an output directory (merge_lora's --output_dir)."""
+    return f"model-{GGUF_DTYPES.get(dtype or 'f16', dtype)}.gguf"

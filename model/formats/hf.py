@@ -25,6 +25,7 @@ from ..tensor_io import (
     SAFETENSORS_DTYPES, FormatError, Reopening, TensorSpec, dtype_name, open_safetensors,
     read_json, read_weight_index, safe_torch_load, safetensors_dtype, write_sharded_safetensors,
 )
+from .options import ReadOptions, WriteOptions, refuse_shards, tensors_as_asked
 from .progress import tensor_progress
 
 # Hugging Face's Llama names against ours (Meta's): the one table, read by conversion, by
@@ -326,3 +327,20 @@ def write_hf(
             write_hf_tokenizer_files(ckpt.tokenizer, out, model_max_length=args.max_seq_len,
                                      template=template)
     return Path(dst)
+
+
+# The registry's protocol (model/formats/__init__.py).
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").exists()
+
+
+def read(path: Path, opts: ReadOptions) -> Checkpoint:
+    return read_hf(path)
+
+
+def write(ckpt: Checkpoint, dst: Path, opts: WriteOptions) -> Checkpoint:
+    ckpt = tensors_as_asked(ckpt, opts)
+    refuse_shards(opts)
+    write_hf(ckpt, dst, overwrite=opts.overwrite, max_shard_bytes=opts.max_shard_bytes,
+             progress=opts.progress, inputs=opts.inputs, template=opts.template)
+    return ckpt

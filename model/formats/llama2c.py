@@ -20,6 +20,7 @@ import torch
 from ..llama import ModelArgs, ffn_params_for
 from ..source import Checkpoint, check_specs
 from ..tensor_io import FormatError, TensorSpec
+from .options import ReadOptions
 
 MAGIC = 0x616B3432  # "ak42" read as a little-endian int32
 _V1_HEADER_BYTES = 256
@@ -139,3 +140,12 @@ def read_llama2c(path: str | Path, tokenizer: str | Path | None = None) -> Check
 
     tok = Path(tokenizer) if tokenizer is not None else None
     return Checkpoint("llama2c", path, args, specs, get, tok)
+
+
+# The registry's protocol (model/formats/__init__.py); read only: nothing writes llama2.c.
+def detect(path: Path) -> bool:
+    return path.is_file() and looks_like_llama2c(path)
+
+
+def read(path: Path, opts: ReadOptions) -> Checkpoint:
+    return read_llama2c(path)  # its tokenizer comes from --tokenizer

@@ -26,6 +26,7 @@ from tokenizer.schema import check_fields
 from ..llama import PARAMS_FIELDS, ModelArgs
 from ..source import Checkpoint, check_specs
 from ..tensor_io import FormatError, Reopening, TensorSpec, read_json, safe_torch_load
+from .options import ReadOptions, WriteOptions, tensors_as_asked
 from .progress import tensor_progress
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
@@ -276,3 +277,22 @@ def write_meta(
         sums = [f"{md5_file(f)}  {f.name}" for f in sorted(out.iterdir())]
         (out / "checklist.chk").write_text("\n".join(sums) + "\n")
     return Path(dst)
+
+
+# The registry's protocol (model/formats/__init__.py).
+def detect(path: Path) -> bool:
+    """A directory of consolidated.NN.pth; one of its shards alone is refused by name."""
+    if path.is_file() and path.name.startswith("consolidated.") and path.suffix == ".pth":
+        raise FormatError(f"{path}: give the directory holding the consolidated.*.pth and params.json")
+    return path.is_dir() and any(path.glob("consolidated.*.pth"))
+
+
+def read(path: Path, opts: ReadOptions) -> Checkpoint:
+    return read_meta(path, verify_checksum=opts.verify_checksum, progress=opts.progress)
+
+
+def write(ckpt: Checkpoint, dst: Path, opts: WriteOptions) -> Checkpoint:
+    ckpt = tensors_as_asked(ckpt, opts)
+    write_meta(ckpt, dst, n_shards=opts.shards, overwrite=opts.overwrite, progress=opts.progress,
+               inputs=opts.inputs)
+    return ckpt

@@ -29,6 +29,7 @@ from ..tensor_io import (
     read_weight_index, safetensors_dtype, write_sharded_safetensors,
 )
 from .meta import read_params
+from .options import ReadOptions, WriteOptions, refuse_shards, tensors_as_asked
 from .progress import tensor_progress
 
 FORMAT_VERSION = 1
@@ -136,3 +137,19 @@ def write_model_dir(
             shutil.copyfile(ckpt.tokenizer, out / "tokenizer.model")
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(dst)
+
+
+# The registry's protocol (model/formats/__init__.py).
+detect = is_model_dir
+
+
+def read(path: Path, opts: ReadOptions) -> Checkpoint:
+    return read_model_dir(path)
+
+
+def write(ckpt: Checkpoint, dst: Path, opts: WriteOptions) -> Checkpoint:
+    ckpt = tensors_as_asked(ckpt, opts)
+    refuse_shards(opts)
+    write_model_dir(ckpt, dst, overwrite=opts.overwrite, max_shard_bytes=opts.max_shard_bytes,
+                    progress=opts.progress, inputs=opts.inputs)
+    return ckpt
