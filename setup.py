@@ -31,8 +31,17 @@ setup(
     extras_require={
         # llama.cpp's own GGUF reader/writer, for `--to gguf` / `--output_type gguf`
         "gguf": ["gguf>=0.10"],
-        # real reference implementations the tests compare against
-        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "gguf>=0.10"],
+        # loss.png beside every run's metrics.jsonl, and `zhllama plot` (train/plot.py)
+        "plot": ["matplotlib>=3.7"],
+        # `log.tensorboard: true`: scalars through torch.utils.tensorboard, which needs it
+        "tensorboard": ["tensorboard>=2.14"],
+        # `zhllama self-instruct`: the official client for any OpenAI-compatible endpoint,
+        # and Google's ROUGE-L scorer for the near-duplicate filter
+        "instruct": ["openai>=1.0", "rouge-score>=0.1.2"],
+        # real reference implementations the tests compare against, and the optional
+        # extras' libraries so that their tests run
+        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "gguf>=0.10",
+                 "matplotlib>=3.7", "tensorboard>=2.14", "openai>=1.0", "rouge-score>=0.1.2"],
         # llama.cpp itself, to prove our GGUF files run there (built from source by pip)
         "llamacpp": ["llama-cpp-python>=0.3"],
     },

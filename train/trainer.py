@@ -139,6 +139,13 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_bat
 # the loop
 
 
+def data_fields(data: BatchSource) -> dict[str, Any]:
+    """What a dataset reports in each training line of metrics.jsonl (a mixture: the share
+    of blocks each source has given so far); most report nothing."""
+    fields = getattr(data, "log_fields", None)
+    return fields() if fields is not None else {}
+
+
 def resume(plan: ResumePlan, state: steps.TrainState, data: BatchSource, dist: DistInfo) -> Path | None:
     """Load the planned step (if any) into `state` and `data`."""
     if plan.path is None:
@@ -205,7 +212,7 @@ def run(
             if step % cfg.log.every == 0 or step == o.max_steps or guard.should_stop:
                 log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                            **throughput(tokens, time.perf_counter() - t0, fpt, cfg.log.peak_tflops, dist),
-                           "skipped_steps": state.progress.skipped_steps})
+                           "skipped_steps": state.progress.skipped_steps, **data_fields(data)})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if guard.should_stop:
                 raise guard.stop(out, step, dist)
