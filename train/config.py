@@ -87,6 +87,8 @@ class LogConfig:
     eval_batches: int = 20
     peak_tflops: float = 0.0  # per device, for MFU (e.g. 989 for an H100 in bf16); 0: not shown
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    plot: bool = True  # loss.png beside metrics.jsonl, redrawn at each evaluation (matplotlib)
+    tensorboard: bool = False  # TensorBoard scalars in output_dir/tensorboard (tensorboard)
 
 
 @dataclass

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         built = session.agree(lambda: build_for_stage(cfg, dist))  # what trains; sharded, loaded
         train, val = session.agree(lambda: sft_samples(cfg, dist, built))
         session.ranks_on_their_own()
-        run(cfg, built, train, dist, val, seq_len=train.max_seq_length, plan=session.plan,
+        vals = {"": val} if val else None  # "": the held-out split, logged as val_loss etc.
+        run(cfg, built, train, dist, vals, seq_len=train.max_seq_length, plan=session.plan,
             fingerprint=session.fingerprint)  # AdamW, schedule, checkpoints, resume
         session.done(export(cfg, built, dist))  # the adapter, or a model directory
 

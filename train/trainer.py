@@ -132,11 +132,17 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_bat
     model.train()
     loss_sum, correct, count = (all_reduce_sum(v, dist.device) for v in (loss_sum, correct, count))
     loss = loss_sum / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_acc": correct / max(count, 1)}
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "acc": correct / max(count, 1)}
 
 
 # ---------------------------------------------------------------------------------------
 # the loop
+
+
+def metric_key(val_set: str, metric: str) -> str:
+    """metrics.jsonl's name for a validation figure: `val_loss` for the run's held-out split
+    (val_set ""), `val/zh/loss` for the validation set named zh (data.val_sets)."""
+    return f"val_{metric}" if not val_set else f"val/{val_set}/{metric}"
 
 
 def data_fields(data: BatchSource) -> dict[str, Any]:
@@ -164,7 +170,7 @@ def resume(plan: ResumePlan, state: steps.TrainState, data: BatchSource, dist: D
 
 def run(
     cfg: TrainConfig, built: Built, data: BatchSource, dist: DistInfo,
-    val_data: BatchSource | None = None, seq_len: int = 512,
+    val_sets: dict[str, BatchSource] | None = None, seq_len: int = 512,
     plan: ResumePlan = ResumePlan(None), fingerprint: str = "",
 ) -> nn.Module:
     """Train `built.model` on `data` until cfg.optim.max_steps, starting from the step
@@ -216,9 +222,12 @@ def run(
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if guard.should_stop:
                 raise guard.stop(out, step, dist)
-            if val_data is not None and cfg.log.eval_every and step % cfg.log.eval_every == 0:
-                metrics = evaluate(model, val_data.batches(o.micro_batch_size),
-                                   cfg.log.eval_batches, cfg.parallel.loss_chunk_size, dist)
+            if val_sets and cfg.log.eval_every and step % cfg.log.eval_every == 0:
+                metrics = {}
+                for name, val in val_sets.items():
+                    found = evaluate(model, val.batches(o.micro_batch_size), cfg.log.eval_batches,
+                                     cfg.parallel.loss_chunk_size, dist)
+                    metrics.update({metric_key(name, k): v for k, v in found.items()})
                 log.write({"step": step, **metrics})
                 if dist.is_main:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
