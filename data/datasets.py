@@ -6,6 +6,12 @@ Both give `batches(batch_size)`: an endless iterator of dicts
             (tokens[:, j + 1]), or -100 where no loss is taken
 (+ segment_ids for packed SFT rows), shuffled per epoch with a seed, each rank reading
 its own disjoint share, and `state_dict()` / `load_state_dict()` that resume exactly.
+`take(n)` and `make_batch(units)` are the same batches a unit at a time (a block, a sample,
+a packed row), for a mixture of several directories (data/mixing.py).
+
+Splits: "train", "val" (the held-out tail of `val_fraction`) and "all" (the whole
+directory, whatever `val_fraction` says: a validation set of its own). Only "train"
+shuffles and runs endlessly; the others are read once, in order.
 """
 
 from __future__ import annotations
@@ -154,6 +160,16 @@ def check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} of world_size {world_size}: need 0 <= rank < world_size")
 
 
+SPLITS = ("train", "val", "all")
+
+
+def check_split(split: str, val_fraction: float) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {split!r}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
 class PackedBlocks(_Resumable):
     """Fixed-length blocks over the token stream: block i = tokens[i·L : (i+1)·L].
 
@@ -163,30 +179,29 @@ class PackedBlocks(_Resumable):
     with `default_rng([seed, epoch])` and dealt round-robin to the ranks, every rank taking
     n_blocks // world_size of them: the last n_blocks % world_size blocks of that epoch's
     permutation (different ones each epoch) sit the epoch out, so that every rank takes the
-    same number of steps.
+    same number of steps. Split "all" is every block of the directory, in order.
     """
 
     def __init__(self, path: str | Path, block_size: int = 512, split: str = "train",
                  val_fraction: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        check_split(split, val_fraction)
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         check_rank(rank, world_size)
         self.stream = TokenStream(path)
         self.block_size, self.split, self.seed = block_size, split, seed
         self.rank, self.world_size = rank, world_size
         boundary = len(self.stream)
-        if val_fraction > 0:
+        if val_fraction > 0 and split != "all":
             starts = self.stream.document_starts()
             i = int(np.searchsorted(starts, int((1 - val_fraction) * len(self.stream))))
             boundary = int(starts[i]) if i < len(starts) else len(self.stream)
-        self.region = (0, boundary) if split == "train" else (boundary, len(self.stream))
+        self.region = {"train": (0, boundary), "val": (boundary, len(self.stream)),
+                       "all": (0, len(self.stream))}[split]
         self.n_blocks = (self.region[1] - self.region[0]) // block_size
         if self.n_blocks < world_size:
-            raise DataError(f"{path}: {self.n_blocks} {split} blocks of {block_size} tokens for "
+            which = "" if split == "all" else f"{split} "
+            raise DataError(f"{path}: {self.n_blocks} {which}blocks of {block_size} tokens for "
                             f"{world_size} rank(s): not enough data"
                             + (" (no validation split: val_fraction is 0)" if split == "val" and
                                not val_fraction else ""))
@@ -203,11 +218,15 @@ class PackedBlocks(_Resumable):
     def _order(self, epoch: int) -> np.ndarray:
         return self._orders(self.n_blocks, epoch, shuffle=self.split == "train")
 
-    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        tokens = np.stack([self.block(i) for i in indices]).astype(np.int64)  # (B, L)
+    def make_batch(self, blocks: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """A batch of blocks (`block` or `take`): tokens and labels, (B, L) each."""
+        tokens = np.stack(blocks).astype(np.int64)  # (B, L)
         labels = np.full_like(tokens, IGNORE_INDEX)  # (B, L); the last position has no target
         labels[:, :-1] = tokens[:, 1:]
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
+
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.make_batch([self.block(i) for i in indices])
 
     def iter_epoch(self, batch_size: int, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """One pass over this rank's blocks of `epoch` (for validation); the last batch may
@@ -227,14 +246,18 @@ class PackedBlocks(_Resumable):
                 self.epoch, self.position = self.epoch + 1, 0
         return out
 
+    def take(self, n: int) -> list[np.ndarray]:
+        """The next n training blocks from the saved position (which moves on), across epochs."""
+        return [self.block(i) for i in self._next_indices(n)]
+
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Train: endless batches from the saved position, across epochs (a batch may span
-        two). Val: one pass in order (`iter_epoch`)."""
-        if self.split == "val":
+        two). Val, all: one pass in order (`iter_epoch`)."""
+        if self.split != "train":
             yield from self.iter_epoch(batch_size)
             return
         while True:
-            yield self._batch(self._next_indices(batch_size))
+            yield self.make_batch(self.take(batch_size))
 
     def state_dict(self) -> dict[str, Any]:
         return self._state(**self._fixed())
@@ -256,17 +279,14 @@ class SFTDataset(_Resumable):
 
     A validation split holds out the last `val_fraction` of the samples (at least one when
     the fraction is positive); training shuffles its samples each epoch, validation reads
-    its own once, in order.
+    its own once, in order (split "all": every sample of the directory).
     """
 
     def __init__(self, path: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1,
                  pack: bool = False, max_seq_length: int | None = None, split: str = "train",
                  val_fraction: float = 0.0) -> None:
         check_rank(rank, world_size)
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_split(split, val_fraction)
         self.stream = TokenStream(path)
         if self.stream.meta["kind"] != "sft":
             raise DataError(f"{path}: prepared as {self.stream.meta['kind']!r} data, not SFT "
@@ -287,8 +307,8 @@ class SFTDataset(_Resumable):
                             f"--max_seq_length {max_seq_length} (truncating here would drop EOS)")
         self.max_seq_length = max_seq_length or prepared
         n = len(self.starts)
-        n_val = max(1, int(n * val_fraction)) if val_fraction > 0 else 0
-        self.ids = np.arange(n - n_val) if split == "train" else np.arange(n - n_val, n)
+        n_val = max(1, int(n * val_fraction)) if val_fraction > 0 and split != "all" else 0
+        self.ids = {"train": np.arange(n - n_val), "val": np.arange(n - n_val, n), "all": np.arange(n)}[split]
         pad = self.stream.meta["special_ids"]["pad"]
         # Any id would do when the tokenizer has no pad: padding sits after the sample (right
         # padding), causal attention never lets real tokens see it, and its labels are -100.
@@ -325,17 +345,26 @@ class SFTDataset(_Resumable):
             row.append((tokens, plen))
             used += len(tokens)
 
+    def take(self, n: int) -> list[Any]:
+        """The next n training units from the saved position (which moves on): packed rows
+        (lists of samples) with `pack`, else samples ((tokens, prompt length) each)."""
+        if self.pack:
+            return [self._packed_row() for _ in range(n)]
+        return [self.sample(self._next()) for _ in range(n)]
+
+    def make_batch(self, units: list[Any]) -> dict[str, torch.Tensor]:
+        """A batch of units (`take`): padded samples, or packed rows with segment_ids."""
+        return collate_packed(units, self.pad_id) if self.pack else collate(units, self.pad_id)
+
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Train: endless batches from the saved position, across epochs. Val: this rank's
-        samples once, in order (the last batch may be smaller); the position is untouched."""
-        if self.split == "val":
+        """Train: endless batches from the saved position, across epochs. Val, all: this
+        rank's samples once, in order (the last batch may be smaller); the position is
+        untouched."""
+        if self.split != "train":
             yield from self._one_pass(batch_size)
             return
         while True:
-            if self.pack:
-                yield collate_packed([self._packed_row() for _ in range(batch_size)], self.pad_id)
-            else:
-                yield collate([self.sample(self._next()) for _ in range(batch_size)], self.pad_id)
+            yield self.make_batch(self.take(batch_size))
 
     def _one_pass(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         order = rank_order(len(self.ids), self.seed, 0, self.rank, self.world_size, False)
