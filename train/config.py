@@ -10,6 +10,7 @@ is saved as YAML beside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data.mixing import Source
 from model.lora import LoRASettings
 
 
@@ -35,15 +37,37 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a directory made by `python -m data.prepare`
+    path: str = ""  # a directory made by `zhllama prepare`; or, instead, data.sources:
+    # a mixture, e.g. English replay: [{path: tokens/zh, weight: 0.8}, {path: tokens/en,
+    # weight: 0.2}] (optional name: per source, default the directory's name). Each block
+    # (pretraining), sample or packed row (SFT) comes from the source furthest below its
+    # share (data/mixing.py); each source has its own epochs and shuffle; metrics.jsonl
+    # logs the realised share/NAME. Exactly one of path and sources (--data.path= clears
+    # a config's path). Sources share one tokenizer and kind (and SFT template).
+    sources: tuple[Source, ...] = ()
+    # named validation sets, each directory read whole, in order: {zh: DIR, en: DIR},
+    # logged as val/NAME/loss, ppl, acc every log.eval_every steps
+    val_sets: dict[str, str] = field(default_factory=dict)
     block_size: int = 512  # pretraining: packed block length
     # held out for evaluation: pretraining, the tail of the token stream (whole documents);
-    # SFT, the last samples
+    # SFT, the last samples. Logged as val_loss etc.; with data.sources, every source's
+    # own tail, as val/NAME/loss etc.
     val_fraction: float = 0.0
     pack: bool = False  # SFT: several samples per row, attention kept inside each
     # SFT: the longest sample (and packed row); data prepared with a longer
     # --max_seq_length is refused. None: the data's own.
     max_seq_length: int | None = None
+
+    def primary_path(self) -> str:
+        """The directory that speaks for the run's data where one must (the SFT template an
+        export records): data.path, or the first of data.sources."""
+        return self.sources[0].path if self.sources else self.path
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """(key, directory) of every token directory the run reads, training data first."""
+        trained = [(f"data.sources[{i}].path", s.path) for i, s in enumerate(self.sources)]
+        return (trained or [("data.path", self.path)]) + [(f"data.val_sets.{name}", path)
+                                                          for name, path in self.val_sets.items()]
 
 
 @dataclass
@@ -121,11 +145,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is tuple and dataclasses.is_dataclass(args[0]):  # a list of mappings
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of mappings, got {value!r}")
+        return tuple(_build(args[0], v, f"{key}[{i}].") for i, v in enumerate(value))
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], key) for v in items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{key} (a name)"): _coerce(v, args[1], f"{key}.{k}")
+                for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -152,7 +185,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -230,8 +263,43 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.new_rows_from: only for stage embeddings (stage is {cfg.stage!r})")
     if not cfg.model.path:
         raise ConfigError("model.path: required (a model directory)")
-    if not cfg.data.path:
-        raise ConfigError("data.path: required (a directory made by data.prepare)")
+    check_data(cfg.data)
+
+
+def check_data(d: DataConfig) -> None:
+    """data.path or data.sources (one of them), each source and validation set."""
+    if d.path and d.sources:
+        raise ConfigError("data.sources: set with data.path too; give one of them (--data.path= "
+                          "clears a config's path)")
+    if not d.path and not d.sources:
+        raise ConfigError("data.path: required (a directory made by zhllama prepare), or "
+                          "data.sources (a mixture of several)")
+    named: dict[str, str] = {}
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if not s.path:
+            raise ConfigError(f"{key}.path: required (a directory made by zhllama prepare)")
+        if not s.weight > 0 or not math.isfinite(s.weight):
+            raise ConfigError(f"{key}.weight: must be positive{' and finite' if s.weight > 0 else ''}, "
+                              f"got {s.weight}")
+        _check_name(f"{key}.name" if s.name else f"{key}.path", s.label, named, key)
+    for name, path in d.val_sets.items():
+        key = f"data.val_sets.{name}"
+        if not path:
+            raise ConfigError(f"{key}: required (a directory made by zhllama prepare)")
+        # with data.val_fraction, each source's held-out tail is validated under its name
+        _check_name(key, name, named if d.val_fraction else {}, key)
+
+
+def _check_name(key: str, name: str, taken: dict[str, str], owner: str) -> None:
+    """A name for metrics.jsonl (share/NAME, val/NAME/loss): one path segment, not taken."""
+    if not name or "/" in name or name != name.strip():
+        raise ConfigError(f"{key}: {name!r} cannot name a source or validation set in the logs "
+                          "(no '/', no surrounding spaces, not empty); set a name")
+    if name in taken:
+        why = " (its held-out tail, data.val_fraction, is validated under it)" if "val_sets" in key else ""
+        raise ConfigError(f"{key}: the name {name!r} is {taken[name]}'s already{why}; choose another")
+    taken[name] = owner
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
