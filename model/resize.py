@@ -23,12 +23,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from torch import nn
 
 from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.files import check_output_against_inputs
-from tokenizer.spm_io import load_sp, resolve_model_file
+from tokenizer.spm_io import load_sp, read_proto, resolve_model_file
 
 from .formats import read_checkpoint, write_model_dir
 from .llama import Transformer
@@ -56,8 +55,7 @@ def _without_dummy_prefix(sp_file: Path) -> spm.SentencePieceProcessor:
     A piece's text is encoded exactly as it is (a leading "▁" is a real space), so a
     piece that does not start a word is split into pieces that do not start a word either.
     """
-    proto = sp_pb2.ModelProto()
-    proto.ParseFromString(sp_file.read_bytes())
+    proto = read_proto(sp_file)
     proto.normalizer_spec.add_dummy_prefix = False
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto.SerializeToString())

@@ -108,7 +108,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from model.formats import write_model_dir
     from model.llama import named_args
     from model.source import from_state_dict
-    from tokenizer.merge import add_pad_piece, read_proto
+    from tokenizer.merge import add_pad_piece
+    from tokenizer.spm_io import read_proto
     from tests.conftest import random_model
     from tokenizer.train import main as train_tokenizer
 

@@ -50,7 +50,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from .cli import ArgumentParser, command_errors
 from .hf_files import write_hf_tokenizer_files
 from .files import atomic_output_dir, check_output_against_inputs, sha256_file
-from .spm_io import load_sp, resolve_model_file
+from .spm_io import load_sp, read_proto, resolve_model_file
 
 PAD_PIECE = "<pad>"
 NEW_PIECE_SCORES = ("zero", "ranked")
@@ -108,19 +108,6 @@ class MergeReport:
     english_words: int = 0  # LLaMA's own English word pieces, encoded with both tokenizers
     english_words_changed: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
-
-
-def read_proto(path: Path) -> sp_pb2.ModelProto:
-    """Parse a sentencepiece model file, with one clear error if it is not one."""
-    proto = sp_pb2.ModelProto()
-    try:
-        proto.ParseFromString(path.read_bytes())
-    except Exception as e:  # protobuf's DecodeError, among others
-        raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
-    if not proto.pieces:
-        raise ValueError(f"{path}: not a sentencepiece model (no pieces)")
-    load_sp(path)  # sentencepiece's own validation
-    return proto
 
 
 def has_digit(piece: str) -> bool:

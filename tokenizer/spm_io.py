@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -26,3 +27,16 @@ def load_sp(path: str | Path) -> spm.SentencePieceProcessor:
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
     return sp
+
+
+def read_proto(path: str | Path) -> sp_pb2.ModelProto:
+    """Parse a sentencepiece model file, with one clear error if it is not one."""
+    proto = sp_pb2.ModelProto()
+    try:
+        proto.ParseFromString(resolve_model_file(path).read_bytes())
+    except Exception as e:  # protobuf's DecodeError, among others
+        raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+    if not proto.pieces:
+        raise ValueError(f"{path}: not a sentencepiece model (no pieces)")
+    load_sp(path)  # sentencepiece's own validation
+    return proto

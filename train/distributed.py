@@ -21,11 +21,16 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
+    mesh: DeviceMesh | None  # None: a process on its own, outside any process group
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @classmethod
+    def alone(cls, device: torch.device) -> DistInfo:
+        """One process with no process group (evaluation, generation): sums are its own."""
+        return cls(0, 1, 0, device, None)
 
 
 def setup(backend: str = "auto") -> DistInfo:
@@ -53,7 +58,10 @@ def teardown() -> None:
 
 
 def all_reduce_sum(value: float, device: torch.device) -> float:
-    """Sum of a number over all ranks (float64, so token counts stay exact)."""
+    """Sum of a number over all ranks (float64, so token counts stay exact); the number
+    itself in a process outside any process group."""
+    if not dist.is_initialized():
+        return float(value)
     t = torch.tensor(value, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t)

@@ -9,6 +9,7 @@ pieces together.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -31,6 +32,7 @@ from model.source import from_state_dict
 from model.tensor_io import parse_dtype
 from tokenizer.files import sha256_file
 from tokenizer.labels import IGNORE_INDEX
+from tokenizer.lengths import TextLengths, text_lengths
 from tokenizer.templates import TEMPLATES
 
 from . import steps
@@ -108,31 +110,48 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_batches: int,
-             chunk: int, dist: DistInfo) -> dict[str, float]:
-    """Validation loss, perplexity and next-token accuracy over `n_batches` per rank.
+def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], n_batches: int | None,
+             chunk: int, dist: DistInfo, lengths: TextLengths | None = None) -> dict[str, float]:
+    """Validation figures over `n_batches` per rank (None: all the batches there are).
 
-    The output layer runs in chunks of `chunk` tokens, as in training, so evaluation never
+    loss (mean token NLL, nats), ppl, acc (next-token accuracy) and, given the tokenizer's
+    text lengths, bpc and bpb: the summed NLL in bits over the characters (UTF-8 bytes) of
+    the text the targets stand for, which compare across tokenizers as loss cannot. The
+    output layer runs in chunks of `chunk` tokens, as in training, so evaluation never
     holds a batch's whole logits either.
     """
     model.eval()
-    loss_sum = correct = count = 0.0
-    for _, batch in zip(range(n_batches), batches):
+    sums = dict.fromkeys(("nll", "correct", "targets", "chars", "bytes"), 0.0)
+    for _, batch in zip(range(n_batches) if n_batches is not None else itertools.count(), batches):
         labels = batch["labels"].to(dist.device)
         kwargs = {"segment_ids": batch["segment_ids"].to(dist.device)} if "segment_ids" in batch else {}
         loss, right = model.eval_stats(batch["tokens"].to(dist.device), labels, chunk_size=chunk or None,
                                        **kwargs)
-        loss_sum += float(loss)
-        correct += float(right)
-        count += float((labels != IGNORE_INDEX).sum())
+        sums["nll"] += float(loss)
+        sums["correct"] += float(right)
+        sums["targets"] += float((labels != IGNORE_INDEX).sum())
+        if lengths is not None:
+            chars, nbytes = lengths.of_targets(batch["tokens"], batch["labels"], batch.get("text_starts"))
+            sums["chars"] += chars
+            sums["bytes"] += nbytes
     if isinstance(model, FSDPModule):
         # The root keeps its parameters unsharded after a forward with no backward; reshard
         # so the module holds the very parameters the optimizer steps (and checkpoints name).
         model.reshard()
     model.train()
-    loss_sum, correct, count = (all_reduce_sum(v, dist.device) for v in (loss_sum, correct, count))
-    loss = loss_sum / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "acc": correct / max(count, 1)}
+    sums = {k: all_reduce_sum(v, dist.device) for k, v in sums.items()}
+    return figures(sums, with_lengths=lengths is not None)
+
+
+def figures(sums: dict[str, float], with_lengths: bool) -> dict[str, float]:
+    """Validation figures from summed NLL (nats), correct predictions, targets, characters
+    and bytes."""
+    loss = sums["nll"] / max(sums["targets"], 1)
+    out = {"loss": loss, "ppl": math.exp(min(loss, 50)), "acc": sums["correct"] / max(sums["targets"], 1)}
+    if with_lengths:
+        bits = sums["nll"] / math.log(2)
+        out |= {"bpc": bits / max(sums["chars"], 1), "bpb": bits / max(sums["bytes"], 1)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,6 +211,8 @@ def run(
     if dist.is_main:
         (out / "config.yaml").write_text(config_yaml)
     fpt = flops_per_token(model, seq_len)
+    # bits per character and byte need the text each token stands for
+    lengths = text_lengths(built.base.tokenizer) if val_sets and built.base.tokenizer else None
     batches = data.batches(o.micro_batch_size)
     bar = tqdm(total=o.max_steps, initial=state.progress.step, disable=not dist.is_main,
                desc=f"train ({cfg.stage})", unit="step")
@@ -226,7 +247,7 @@ def run(
                 metrics = {}
                 for name, val in val_sets.items():
                     found = evaluate(model, val.batches(o.micro_batch_size), cfg.log.eval_batches,
-                                     cfg.parallel.loss_chunk_size, dist)
+                                     cfg.parallel.loss_chunk_size, dist, lengths)
                     metrics.update({metric_key(name, k): v for k, v in found.items()})
                 log.write({"step": step, **metrics})
                 if dist.is_main:

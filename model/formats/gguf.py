@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenizer.files import Inputs, atomic_output_file
+from tokenizer.spm_io import read_proto
 
 from ..source import Checkpoint, pad_vocab
 from ..tensor_io import FormatError
@@ -89,10 +90,7 @@ def _encode(t: torch.Tensor, qtype, gguf, chunk_bytes: int = 32 << 20) -> np.nda
 
 
 def _vocab(tokenizer: Path, n_rows: int, gguf) -> tuple[list[bytes], list[float], list[int], dict]:
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    proto = sp_pb2.ModelProto()
-    proto.ParseFromString(tokenizer.read_bytes())
+    proto = read_proto(tokenizer)
     T = gguf.TokenType
     kinds = {1: T.NORMAL, 2: T.UNKNOWN, 3: T.CONTROL, 4: T.USER_DEFINED, 5: T.UNUSED, 6: T.BYTE}
     tokens = [p.piece.encode("utf-8") for p in proto.pieces]
