@@ -211,6 +211,14 @@ class PackedBlocks(_Resumable):
         """Blocks per rank per epoch."""
         return self.n_blocks // self.world_size
 
+    def rows_per_epoch(self) -> int:
+        """Batch rows one rank reads per epoch: its blocks."""
+        return len(self)
+
+    def num_tokens(self) -> int:
+        """Tokens of one epoch, all ranks together."""
+        return len(self) * self.world_size * self.block_size
+
     def block(self, i: int) -> np.ndarray:
         """Block i of this split's region, (block_size,) in the file's dtype."""
         return self.stream.read(self.region[0] + i * self.block_size, self.block_size)
@@ -320,6 +328,24 @@ class SFTDataset(_Resumable):
     def __len__(self) -> int:
         """Samples per rank per epoch."""
         return len(self.ids) // self.world_size
+
+    def rows_per_epoch(self) -> int:
+        """Batch rows one rank reads per epoch: its samples, or packed, the rows its
+        samples of the first epoch fill (later epochs differ by a row or two)."""
+        if not self.pack:
+            return len(self)
+        order = rank_order(len(self.ids), self.seed, 0, self.rank, self.world_size, True)
+        rows, used = 0, self.max_seq_length + 1
+        for n in self.lengths[self.ids[order]].tolist():
+            if used + n > self.max_seq_length:
+                rows, used = rows + 1, 0
+            used += n
+        return rows
+
+    def num_tokens(self) -> int:
+        """Tokens of one epoch, all ranks together (the samples they read)."""
+        order = rank_order(len(self.ids), self.seed, 0, 0, 1, False)[: len(self) * self.world_size]
+        return int(self.lengths[self.ids[order]].sum())
 
     def sample(self, i: int) -> tuple[np.ndarray, int]:
         """(tokens, prompt length) of sample i of the whole file (any split)."""

@@ -44,6 +44,8 @@ class Units(Protocol):
 
     def take(self, n: int) -> list[Any]: ...
     def make_batch(self, units: list[Any]) -> dict[str, torch.Tensor]: ...
+    def rows_per_epoch(self) -> int: ...
+    def num_tokens(self) -> int: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -78,6 +80,14 @@ class Mixture:
         while True:
             units = [self.sources[self.pick()].take(1)[0] for _ in range(batch_size)]
             yield self.sources[0].make_batch(units)  # all sources are of one kind
+
+    def rows_per_epoch(self) -> int:
+        """Batch rows one rank reads in one epoch of every source."""
+        return sum(s.rows_per_epoch() for s in self.sources)
+
+    def num_tokens(self) -> int:
+        """Tokens of one epoch of every source, all ranks together."""
+        return sum(s.num_tokens() for s in self.sources)
 
     def shares(self) -> dict[str, float]:
         """The fraction of the units drawn so far that came from each source, by name."""

@@ -162,9 +162,9 @@ def test_sft_loss_counts_only_response_tokens(world, tmp_path):
 
 
 def test_metrics_and_evaluation(world, tmp_path):
-    run(train_cmd("sft", "sft.yaml", world, tmp_path / "sft", "--optim.max_steps=4",
-                  "--optim.warmup_steps=2", "--optim.lr=0.01", "--data.val_fraction=0.1",
-                  "--log.eval_every=2", "--log.eval_batches=100", "--log.peak_tflops=1"))
+    done = run(train_cmd("sft", "sft.yaml", world, tmp_path / "sft", "--optim.max_steps=4",
+                         "--optim.warmup_steps=2", "--optim.lr=0.01", "--data.val_fraction=0.1",
+                         "--log.eval_every=2", "--log.eval_batches=100", "--log.peak_tflops=1"))
     rows = metrics(tmp_path / "sft")
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
@@ -186,9 +186,12 @@ def test_metrics_and_evaluation(world, tmp_path):
     model = load_model(read_checkpoint(world / "base"))
     load_adapter(model, tmp_path / "sft" / "adapter")
     model.eval()
-    total = right = count = 0
+    total = right = count = chars = nbytes = 0
+    sp = spm.SentencePieceProcessor(model_file=str(world / "tokenizer.model"))
     for i in val.ids:
         tokens, plen = val.sample(int(i))
+        response = sp.decode(tokens[plen:].tolist())  # the text the scored tokens stand for
+        chars, nbytes = chars + len(response), nbytes + len(response.encode("utf-8"))
         with torch.no_grad():
             logits = model(torch.as_tensor(tokens[None].astype("int64")))[0]
         targets = torch.as_tensor(tokens[plen:].astype("int64"))
@@ -197,6 +200,29 @@ def test_metrics_and_evaluation(world, tmp_path):
         count += len(targets)
     assert evals[-1]["val_loss"] == pytest.approx(total / count, abs=1e-5)
     assert evals[-1]["val_acc"] == pytest.approx(right / count)
+    # bits per character and byte: the same summed NLL in bits over the decoded responses
+    assert evals[-1]["val_bpc"] == pytest.approx(total / math.log(2) / chars, abs=1e-5)
+    assert evals[-1]["val_bpb"] == pytest.approx(total / math.log(2) / nbytes, abs=1e-5)
+    # the summaries: what the run is at the start, what it did at the end
+    adapter = load_file(next((tmp_path / "sft" / "adapter").glob("*.safetensors")))
+    base = load_file(world / "base" / "model.safetensors")
+    trainable = sum(t.numel() for t in adapter.values())  # LoRA and the modules saved whole
+    total_params = sum(t.numel() for t in base.values()) + sum(
+        t.numel() for k, t in adapter.items() if "lora" in k)
+    assert f"stage lora: {total_params:,} parameters, {trainable:,} trainable" in done.stdout
+    assert "data: " in done.stdout and f"batch: 4 rows x 1 accumulation x 1 rank(s) = 4 rows per step" in done.stdout
+    assert f"steps: 4 = {4 * 4 / 108:.2f} epochs" in done.stdout  # 108 training samples
+    assert "trained 4 steps in" in done.stdout
+    assert f"best: val_loss {min(e['val_loss'] for e in evals):.4f}" in done.stdout
+
+
+def test_epochs_set_the_number_of_steps(world, tmp_path):
+    """optim.epochs: steps to read the training samples that many times, rounded up."""
+    r = run(train_cmd("sft", "sft.yaml", world, tmp_path / "sft", "--optim.epochs=0.5",
+                      "--optim.warmup_steps=1", "--data.val_fraction=0.1", "--checkpoint.every=0"))
+    steps = math.ceil(0.5 * 108 / 4)  # 120 samples, 12 held out; 4 per step
+    assert [m["step"] for m in metrics(tmp_path / "sft") if "loss" in m][-1] == steps
+    assert f"steps: {steps} (optim.epochs 0.5) = 0.52 epochs" in r.stdout
 
 
 def test_non_finite_losses_stop_with_the_last_good_checkpoint(world, tmp_path):

@@ -79,6 +79,9 @@ class OptimConfig:
     warmup_ratio: float = 0.05  # of max_steps, rounded up; warmup_steps wins when set
     warmup_steps: int | None = None
     max_steps: int = 1000
+    # passes over the training data instead (steps derived from its rows and the global
+    # batch, rounded up); max_steps is then ignored
+    epochs: float | None = None
     weight_decay: float = 0.01  # not applied to norms, biases and other 1-D parameters
     beta1: float = 0.9
     beta2: float = 0.95
@@ -240,7 +243,8 @@ def check(cfg: TrainConfig) -> None:
                 ("optim.grad_accum", o.grad_accum), ("optim.lr", o.lr), ("data.block_size", cfg.data.block_size),
                 ("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha), ("log.every", lg.every),
                 ("log.eval_batches", lg.eval_batches), ("log.max_bad_steps", lg.max_bad_steps),
-                ("parallel.selective_every", p.selective_every), ("data.max_seq_length", cfg.data.max_seq_length)]
+                ("parallel.selective_every", p.selective_every), ("data.max_seq_length", cfg.data.max_seq_length),
+                ("optim.epochs", o.epochs)]
     for key, value in positive:
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")

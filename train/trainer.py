@@ -41,15 +41,19 @@ from .distributed import DistInfo, all_reduce_sum
 from .metrics import MetricsLog, flops_per_token, throughput
 from .nonfinite import NonFiniteGuard
 from .optim import LossScaler, build_optimizer, lr_at, set_lr
+from .plot import LossPicture
 from .resume import ResumePlan
 from .session import Interrupted
 from .stages import Built
+from .summary import RunReport, end_block, start_block, steps_for_epochs
 
 
 class BatchSource(Protocol):
     """What the loop needs from a dataset: batches, and a position it can save and restore."""
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]: ...
+    def rows_per_epoch(self) -> int: ...  # for the summary and optim.epochs
+    def num_tokens(self) -> int: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -191,9 +195,11 @@ def run(
     cfg: TrainConfig, built: Built, data: BatchSource, dist: DistInfo,
     val_sets: dict[str, BatchSource] | None = None, seq_len: int = 512,
     plan: ResumePlan = ResumePlan(None), fingerprint: str = "",
-) -> nn.Module:
-    """Train `built.model` on `data` until cfg.optim.max_steps, starting from the step
-    `plan` names (see train/resume.py). Returns the model."""
+) -> RunReport:
+    """Train `built.model` on `data` until cfg.optim.max_steps (or optim.epochs), starting
+    from the step `plan` names (see train/resume.py). Says what it will do at the start and
+    what it did at the end (train/summary.py), and returns the latter."""
+    cfg = steps_for_epochs(cfg, data, dist)
     model, out, o = built.model, Path(cfg.output_dir), cfg.optim
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -206,7 +212,10 @@ def run(
     torch.manual_seed(cfg.seed * 100_003 + dist.rank)
     steps.remove_partial(out, dist)
     guard = NonFiniteGuard(cfg.log.max_bad_steps, resume(plan, state, data, dist))
-    log = MetricsLog(out / "metrics.jsonl", dist.is_main, state.progress.step)
+    log = MetricsLog(out / "metrics.jsonl", dist.is_main, state.progress.step,
+                     tensorboard=cfg.log.tensorboard)
+    picture = LossPicture(out, enabled=dist.is_main and cfg.log.plot)  # loss.png
+    report = RunReport()
     config_yaml = dump(cfg)
     if dist.is_main:
         (out / "config.yaml").write_text(config_yaml)
@@ -214,6 +223,9 @@ def run(
     # bits per character and byte need the text each token stands for
     lengths = text_lengths(built.base.tokenizer) if val_sets and built.base.tokenizer else None
     batches = data.batches(o.micro_batch_size)
+    if dist.is_main:
+        print(start_block(cfg, model, data, dist, state.progress.step), flush=True)
+    started = time.perf_counter()
     bar = tqdm(total=o.max_steps, initial=state.progress.step, disable=not dist.is_main,
                desc=f"train ({cfg.stage})", unit="step")
     model.train()
@@ -236,6 +248,7 @@ def run(
             state.progress.tokens += n_targets
             step = state.progress.step
             tokens = sum(b["tokens"].numel() for b in micro) * dist.world_size
+            report.steps, report.tokens = report.steps + 1, report.tokens + tokens
             if step % cfg.log.every == 0 or step == o.max_steps or guard.should_stop:
                 log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                            **throughput(tokens, time.perf_counter() - t0, fpt, cfg.log.peak_tflops, dist),
@@ -250,6 +263,8 @@ def run(
                                      cfg.parallel.loss_chunk_size, dist, lengths)
                     metrics.update({metric_key(name, k): v for k, v in found.items()})
                 log.write({"step": step, **metrics})
+                report.evaluated(step, metrics)
+                picture.redraw()
                 if dist.is_main:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == o.max_steps
@@ -264,7 +279,12 @@ def run(
         raise Interrupted(f"interrupted at step {state.progress.step}; {where}") from None
     finally:
         bar.close()  # also before an error line, which must start a line of its own
-    return model
+        log.close()
+    picture.redraw()
+    report.seconds = time.perf_counter() - started
+    if dist.is_main:
+        print(end_block(report), flush=True)
+    return report
 
 
 # ---------------------------------------------------------------------------------------
