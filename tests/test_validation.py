@@ -413,8 +413,10 @@ def test_resize_drops_padding_rows_first(real, tmp_path, capsys):
 
 
 def factory_inputs(real, data: Path, base: Path | None = None, **data_options):
+    from train.config import DataConfig
+
     options = dict(path=str(data), block_size=64, val_fraction=0.0, pack=False, max_seq_length=None)
-    cfg = SimpleNamespace(seed=0, data=SimpleNamespace(**{**options, **data_options}))
+    cfg = SimpleNamespace(seed=0, data=DataConfig(**{**options, **data_options}))
     dist = SimpleNamespace(rank=0, world_size=1, is_main=True)
     return cfg, dist, SimpleNamespace(base=read_checkpoint(base or real.base, progress=False))
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from data.shards import DataError, check_fits_vocab, check_tokenizer, read_meta
 from model.source import Checkpoint, check_tokenizer_rows
-from train.config import ConfigError
+from train.config import ConfigError, DataConfig
 
 # Which script trains on which kind of token directory (meta.json's "kind").
 SCRIPTS = {"pretrain": "train/pretrain.py", "sft": "train/sft.py"}
@@ -44,6 +44,42 @@ def check_data_for_model(path: str | Path, base: Checkpoint, kind: str, *, note:
         check_tokenizer(meta, base.tokenizer, path)
     check_fits_vocab(path, meta, base.args.vocab_size, base.path or "the model")
     return meta
+
+
+def check_inputs_for_model(data: DataConfig, base: Checkpoint, kind: str, *, note: bool = True) -> None:
+    """Every token directory of the run (`DataConfig.inputs`) against the model, as
+    `check_data_for_model` (the padding note said once)."""
+    for i, (_, path) in enumerate(data.inputs()):
+        check_data_for_model(path, base, kind, note=note and i == 0)
+
+
+def check_inputs_agree(data: DataConfig) -> None:
+    """The token directories of one run (data.sources, data.val_sets) were made alike: of
+    one kind, with one tokenizer and, for SFT, one prompt template (the run's output
+    records one). Reads only their meta.json, so it can run before anything is written.
+
+    Raises:
+        DataError: naming both directories and what differs.
+    """
+    inputs = data.inputs()
+    if len(inputs) < 2:
+        return
+    first = Path(inputs[0][1])
+    m0 = read_meta(first)
+    for _, path in inputs[1:]:
+        path, meta = Path(path), read_meta(path)
+        if meta["kind"] != m0["kind"]:
+            raise DataError(f"{path}: {meta['kind']!r} data, but {first} holds {m0['kind']!r} data: "
+                            "the token directories of one run must be of one kind")
+        t, t0 = meta["tokenizer"], m0["tokenizer"]
+        if t["sha256"] != t0["sha256"]:
+            raise DataError(f"{path}: tokenized with {t['file']} (sha256 {t['sha256'][:12]}…), but "
+                            f"{first} with {t0['file']} (sha256 {t0['sha256'][:12]}…): the ids would "
+                            "not mean the same pieces; prepare both with the model's tokenizer")
+        if m0["kind"] == "sft" and meta["options"].get("template") != m0["options"].get("template"):
+            raise DataError(f"{path}: prepared with the template {meta['options'].get('template')!r}, "
+                            f"but {first} with {m0['options'].get('template')!r}: a run trains on, "
+                            "and its output records, one template")
 
 
 def check_length(key: str, length: int, base: Checkpoint) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,19 @@ from typing import Any
 import yaml
 
 from model.source import Checkpoint
+from tokenizer.files import OutputOverlapsInput, check_output_against_inputs
 
 from . import steps
 from .config import ConfigError, TrainConfig, to_dict
 
-# Keys whose change makes a checkpoint meaningless for the new run.
-FIXED = ("stage", "seed", "model.path", "model.new_rows_from", "data.path", "data.block_size",
-         "data.val_fraction", "data.pack", "data.max_seq_length", "lora.r", "lora.alpha",
-         "lora.targets", "lora.modules_to_save", "lora.init_from")
+# Keys whose change makes a checkpoint meaningless for the new run (a list's entries as
+# data.sources.path: data.sources[i].path for every i).
+FIXED = ("stage", "seed", "model.path", "model.new_rows_from", "data.path", "data.sources.path",
+         "data.sources.weight", "data.block_size", "data.val_fraction", "data.pack",
+         "data.max_seq_length", "lora.r", "lora.alpha", "lora.targets", "lora.modules_to_save",
+         "lora.init_from")
+# Keys that name directories, compared as the directories they name.
+PATHS = ("model.path", "data.path", "data.sources.path", "lora.init_from")
 # Keys that differ between runs without changing what is trained; not worth a word.
 QUIET = ("output_dir",)
 
@@ -38,18 +44,28 @@ class ResumePlan:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested keys as `section.key`; a list of mappings as `key[i].field`."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{prefix}{k}[{i}]."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
+def _generic(key: str) -> str:
+    """data.sources[1].path → data.sources.path: the name FIXED and PATHS use."""
+    return re.sub(r"\[\d+\]", "", key)
+
+
 def _paths_resolved(flat: dict[str, Any]) -> dict[str, Any]:
-    """model.path and data.path compared as the directories they name."""
-    return {k: (str(Path(v).resolve()) if k in ("model.path", "data.path", "lora.init_from") and v else v)
+    """The keys that name directories (PATHS, data.val_sets.NAME) as the directories they name."""
+    return {k: (str(Path(v).resolve()) if (_generic(k) in PATHS or k.startswith("data.val_sets."))
+                and isinstance(v, str) and v else v)
             for k, v in flat.items()}
 
 
@@ -75,6 +91,16 @@ def check_model_outside_output(cfg: TrainConfig) -> None:
                           "which this run writes to; choose another output_dir")
 
 
+def check_data_outside_output(cfg: TrainConfig) -> None:
+    """No token directory the run reads (data.path, data.sources, data.val_sets) may be
+    output_dir, hold it or lie inside it: the run writes there."""
+    for key, path in cfg.data.inputs():
+        try:
+            check_output_against_inputs(cfg.output_dir, (path,))
+        except OutputOverlapsInput as e:
+            raise ConfigError(f"{key}: {e}; output_dir is what this run writes to") from None
+
+
 def plan_resume(cfg: TrainConfig, fingerprint: str) -> ResumePlan:
     """The step to resume from and what changed; ConfigError for a change that cannot be
     resumed (or a step made by another stage or model)."""
@@ -93,7 +119,7 @@ def plan_resume(cfg: TrainConfig, fingerprint: str) -> ResumePlan:
     new = _paths_resolved(flatten(to_dict(cfg)))
     diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
              if _norm(old.get(k)) != _norm(new.get(k)) and k not in QUIET]
-    fixed = [d for d in diffs if d[0] in FIXED]
+    fixed = [d for d in diffs if _generic(d[0]) in FIXED]
     if meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint:
         fixed.append(("model weights", "those the run started from", "different ones"))
     if fixed:

@@ -31,7 +31,10 @@ from tokenizer.cli import TRACEBACK_ENV, ArgumentParser, CommandError, describe_
 from .config import ConfigError, TrainConfig, load_config
 from .distributed import DistInfo, setup, teardown
 from .lock import RunLock
-from .resume import ResumePlan, base_fingerprint, check_model_outside_output, plan_resume
+from .data_checks import check_inputs_agree
+from .resume import (
+    ResumePlan, base_fingerprint, check_data_outside_output, check_model_outside_output, plan_resume,
+)
 
 T = TypeVar("T")
 
@@ -78,6 +81,8 @@ class TrainingRun:
         if cfg.stage not in self.stages:
             raise ConfigError(f"stage: {self.prog} runs {', '.join(self.stages)}, not {cfg.stage!r}")
         check_model_outside_output(cfg)
+        check_data_outside_output(cfg)
+        check_inputs_agree(cfg.data)  # a mixture's sources, the validation sets
         self.fingerprint = base_fingerprint(read_checkpoint(cfg.model.path, progress=False))
         self.plan: ResumePlan = plan_resume(cfg, self.fingerprint)  # refuses before any write
         self.cfg: TrainConfig = cfg
