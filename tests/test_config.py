@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,42 @@ def test_overrides_and_errors(tmp_path):
     f.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(f)
+
+
+def test_data_sources_and_val_sets(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {path: m}\n"
+                 "data:\n  sources: [{path: tokens/zh, weight: 4}, {path: tokens/en, weight: 1, name: replay}]\n"
+                 "  val_sets: {zh: val/zh, en: val/en}\n")
+    cfg = load_config(f)
+    assert [(s.path, s.weight, s.label) for s in cfg.data.sources] == [("tokens/zh", 4.0, "zh"),
+                                                                       ("tokens/en", 1.0, "replay")]
+    assert cfg.data.val_sets == {"zh": "val/zh", "en": "val/en"} and cfg.data.primary_path() == "tokens/zh"
+    again = tmp_path / "resolved.yaml"
+    again.write_text(dump(cfg))
+    assert load_config(again) == cfg
+    assert load_config(None, ["--model.path=m", "--data.path=d"]).data.primary_path() == "d"
+    bad = [
+        (["--data.sources=[{path: a, weight: 0.8}, {path: b, weight: 0}]"], "data.sources[1].weight: must be positive"),
+        (["--data.sources=[{path: a, weight: -1}]"], "data.sources[0].weight: must be positive"),
+        (["--data.sources=[{path: a}, {path: b, weight: lots}]"], "data.sources[1].weight: expected a number"),
+        (["--data.sources=[{path: a}, {paht: b}]"], "data.sources[1].paht: unknown key"),
+        (["--data.sources=[{path: a}, b]"], "data.sources[1]: expected a mapping"),
+        (["--data.sources=[{weight: 1}]"], "data.sources[0].path: required"),
+        (["--data.sources=tokens/zh"], "data.sources: expected a list of mappings"),
+        (["--data.sources=[{path: x/zh}, {path: y/zh}]"], "data.sources[1].path: the name 'zh' is data.sources[0]'s"),
+        (["--data.sources=[{path: a, name: a/b}]"], "data.sources[0].name: 'a/b' cannot name"),
+        (["--data.path=d", "--data.sources=[{path: a}]"], "data.sources: set with data.path too"),
+        (["--data.path="], "data.path: required"),
+        (["--data.path=d", "--data.val_sets=[a, b]"], "data.val_sets: expected a mapping"),
+        (["--data.path=d", "--data.val_sets={zh: 3}"], "data.val_sets.zh: expected a string"),
+        (["--data.path=d", "--data.val_sets={zh: ''}"], "data.val_sets.zh: required"),
+        (["--data.sources=[{path: tokens/zh}]", "--data.val_sets={zh: v}", "--data.val_fraction=0.01"],
+         "data.val_sets.zh: the name 'zh' is data.sources[0]'s already"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(f, ["--data.sources=[]", "--data.val_sets={}", *overrides])
 
 
 # The published recipe, written out from Chinese-LLaMA-Alpaca's scripts/training/run_pt.sh
