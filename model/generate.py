@@ -135,29 +135,52 @@ def generate_ids(
         tokens = torch.tensor([[token]], device=device)
 
 
+class TextStream:
+    """The text of a growing sequence of ids, given out piece by piece as it grows.
+
+    All pieces joined are `sp.decode(prefix + ids)`. Decoding the whole sequence each time
+    and giving out what is new keeps spaces right: decoded alone, a continuation loses the
+    space of its first piece (sentencepiece drops a leading ▁ as the dummy prefix).
+    Multi-byte characters split over byte tokens are held back until their last byte has
+    come; `flush` gives what is left at the end, as it decodes.
+    """
+
+    def __init__(self, sp, prefix: Sequence[int] = ()) -> None:
+        self.sp = sp
+        self.tokens = list(prefix)
+        self.prefix_text = sp.decode(self.tokens) if self.tokens else ""
+        self.shown = self.text = self.prefix_text
+
+    def push(self, token: int) -> str | None:
+        """The text `token` adds; None while it ends inside a character (nothing shown yet)."""
+        self.tokens.append(token)
+        self.text = self.sp.decode(self.tokens)
+        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
+            return None
+        piece, self.shown = self.text[len(self.shown):], self.text
+        return piece
+
+    def flush(self) -> str:
+        """What is held back when the ids end inside a character, decoded as decoding does."""
+        piece, self.shown = self.text[len(self.shown):], self.text
+        return piece
+
+
 def stream_text(sp, ids: Iterator[int], prefix: Sequence[int] = ()) -> Iterator[str]:
     """Turn ids into text pieces as they arrive; all pieces joined are `sp.decode(prefix + ids)`.
 
-    The text of `prefix` (e.g. the prompt's ids) comes first, then what each new id adds.
-    Decoding the whole sequence each time and emitting what is new keeps spaces right:
-    decoded alone, a continuation loses the space of its first piece (sentencepiece drops
-    a leading ▁ as the dummy prefix). Multi-byte characters split over byte tokens are held
-    back until their last byte has come; what is left at the end is emitted as it decodes.
+    The text of `prefix` (e.g. the prompt's ids) comes first, then what each new id adds
+    (see `TextStream`).
     """
-    tokens = list(prefix)
-    shown = sp.decode(tokens) if tokens else ""
-    if shown:
-        yield shown
-    text = shown
+    stream = TextStream(sp, prefix)
+    if stream.prefix_text:
+        yield stream.prefix_text
     for token in ids:
-        tokens.append(token)
-        text = sp.decode(tokens)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-            continue
-        yield text[len(shown):]
-        shown = text
-    if text != shown:  # generation ended inside a character: show it as decoding does
-        yield text[len(shown):]
+        piece = stream.push(token)
+        if piece is not None:
+            yield piece
+    if rest := stream.flush():  # generation ended inside a character: show it as decoding does
+        yield rest
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -283,6 +283,28 @@ def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor,
     return idx - start, (same & causal)[:, None]
 
 
+def left_padded_positions_and_mask(
+    left_pad: torch.Tensor, n_queries: int, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and mask for a batch of prompts of different lengths, left-padded to one.
+
+    left_pad: (bs,) the number of padding slots at the start of each row. Slot s of row b
+    holds position s - left_pad[b], so every row's first real token is at position 0, as
+    it would be alone; queries at slots start..start+n_queries-1 attend to the real slots
+    up to their own. A padding slot attends to itself only, which keeps its (unused)
+    output finite: a row with no key at all would give NaN, and NaN times a zero attention
+    weight is still NaN in the rows that skip it. Returns positions (bs, n_queries) and a
+    mask (bs, 1, n_queries, start + n_queries) where True means "may attend".
+    """
+    slots = torch.arange(start, start + n_queries, device=left_pad.device)
+    positions = (slots[None, :] - left_pad[:, None]).clamp(min=0)
+    keys = torch.arange(start + n_queries, device=left_pad.device)
+    causal = keys[None, :] <= slots[:, None]  # (n_queries, keys)
+    real = keys[None, :] >= left_pad[:, None]  # (bs, keys)
+    own = keys[None, :] == slots[:, None]
+    return positions, ((causal & real[:, None, :]) | own)[:, None]
+
+
 def attention_mask(
     n_queries: int, start: int, device: torch.device
 ) -> tuple[torch.Tensor | None, bool]:
@@ -412,6 +434,7 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
+        left_pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (bs, seqlen, vocab_size) for tokens (bs, seqlen).
 
@@ -423,8 +446,11 @@ class Transformer(nn.Module):
             cache: keys and values of earlier positions, for decoding.
             segment_ids: (bs, seqlen) ids of samples packed into one row: attention stays
                 inside each sample and positions restart at its start.
+            left_pad: (bs,) for prompts of different lengths decoded as one batch: row b's
+                first left_pad[b] cache slots are padding, never attended to and not
+                counted as positions (`left_padded_positions_and_mask`).
         """
-        return self.output(self._hidden(tokens, start_pos, cache, segment_ids))
+        return self.output(self._hidden(tokens, start_pos, cache, segment_ids, left_pad))
 
     def loss(
         self,
@@ -476,16 +502,22 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
+        left_pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final normalised hidden states (bs, seqlen, dim): embeddings, blocks, norm."""
         seqlen = tokens.shape[1]
         if start_pos and cache is None:
             raise ValueError(f"start_pos {start_pos} needs the cache that holds the positions before it")
+        if segment_ids is not None and left_pad is not None:
+            raise ValueError("segment_ids (packed samples) and left_pad (padded prompts) exclude each other")
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("segment_ids (packed samples) cannot be used with a KV cache")
             positions, attn_mask = segment_positions_and_mask(segment_ids)
             mask: tuple[torch.Tensor | None, bool] = (attn_mask, False)
+        elif left_pad is not None:
+            positions, attn_mask = left_padded_positions_and_mask(left_pad, seqlen, start_pos)
+            mask = (attn_mask, False)
         else:
             positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
             mask = attention_mask(seqlen, start_pos, tokens.device)
