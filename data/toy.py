@@ -52,3 +52,26 @@ def chinese_documents(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return ["".join(_sentences(_TEMPLATES_ZH, _NAMES_ZH, _THINGS_ZH, _PLACES_ZH, _FEELINGS_ZH,
                                rng.randint(2, 4), rng)) for _ in range(n)]
+
+
+# The demo's small world of facts: who likes to go where and what each one has. The
+# Chinese corpus states them, and instruction data asks about them, so that after
+# instruction tuning the toy model can answer questions its own data answers.
+FACTS_ZH = {"小明": ("公园", "一只猫"), "小红": ("图书馆", "一本书"), "李华": ("河边", "一把伞"),
+            "王芳": ("市场", "一朵花"), "张伟": ("山上", "一杯茶"), "老师": ("学校", "一封信")}
+
+
+def fact_documents() -> list[str]:
+    """One document per person, stating their facts in two ways."""
+    return [f"{name}最喜欢去{place}。{name}有{thing}。{place}是{name}最喜欢去的地方。"
+            for name, (place, thing) in FACTS_ZH.items()]
+
+
+def fact_questions() -> list[tuple[str, str]]:
+    """(question, answer) pairs about every fact, in three phrasings."""
+    pairs = []
+    for name, (place, thing) in FACTS_ZH.items():
+        pairs += [(f"{name}最喜欢去哪里？", f"{name}最喜欢去{place}。"),
+                  (f"{name}有什么？", f"{name}有{thing}。"),
+                  (f"谁最喜欢去{place}？", f"{name}最喜欢去{place}。")]
+    return pairs

@@ -168,8 +168,10 @@ def test_metrics_and_evaluation(world, tmp_path):
     rows = metrics(tmp_path / "sft")
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    assert set(train_rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_gb",
-                                  "skipped_steps", "mfu"}
+    assert set(train_rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                                  "memory_gb", "skipped_steps", "mfu"}
+    # the target tokens trained on so far: the response tokens of the samples read
+    assert 0 < train_rows[0]["tokens"] < train_rows[1]["tokens"] < train_rows[-1]["tokens"]
     # the rate each step trained with: transformers' own schedule (warmup from 0, cosine to 0)
     expected = hf_lrs("cosine", 0.01, warmup=2, max_steps=4, min_lr_ratio=0.0)
     assert [r["lr"] for r in train_rows] == pytest.approx(expected, rel=1e-12)

@@ -251,6 +251,7 @@ def run(
             report.steps, report.tokens = report.steps + 1, report.tokens + tokens
             if step % cfg.log.every == 0 or step == o.max_steps or guard.should_stop:
                 log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                           "tokens": state.progress.tokens,  # target tokens trained on so far
                            **throughput(tokens, time.perf_counter() - t0, fpt, cfg.log.peak_tflops, dist),
                            "skipped_steps": state.progress.skipped_steps, **data_fields(data)})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -301,11 +302,11 @@ def export(cfg: TrainConfig, built: Built, dist: DistInfo) -> Path:
     tokenizer = built.base.tokenizer
     template = None
     if dist.is_main:
-        meta = read_meta(cfg.data.path)
+        meta = read_meta(cfg.data.primary_path())
         template = meta["options"].get("template") if meta["kind"] == "sft" else None
         # an unknown name is warned about, not refused: the run has trained by now
         if template is not None and template not in TEMPLATES:
-            print(f"warning: {cfg.data.path}: template {template!r} is not one of "
+            print(f"warning: {cfg.data.primary_path()}: template {template!r} is not one of "
                   f"{', '.join(TEMPLATES)}; the output records none", file=sys.stderr)
             template = None
     if built.lora is not None:
