@@ -18,7 +18,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # the words the loop's missing-matplotlib warning must have, once per process
 WARNING = "warning: matplotlib is not installed: no loss.png (pip install 'zhllama[plot]')"
 # metrics.jsonl keys and the TensorBoard tags they must get
-TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
         "tokens_per_s": "train/tokens_per_s", "memory_gb": "train/memory_gb",
         "skipped_steps": "train/skipped_steps", "val_loss": "val/loss", "val_ppl": "val/ppl",
         "val_acc": "val/acc", "val_bpc": "val/bpc", "val_bpb": "val/bpb",
@@ -31,8 +31,15 @@ def trained(world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("plot") / "run"
     run(train_cmd("pretrain", "stage2.yaml", world, out, *FAST, "--optim.max_steps=6",
                   "--data.val_fraction=0.1", "--log.eval_every=2", "--log.eval_batches=2",
-                  "--checkpoint.every=0"))
+                  "--checkpoint.every=0", "--log.tensorboard=true"))
     return out
+
+
+def test_a_run_writes_its_picture_and_tensorboard_scalars(trained):
+    """The loop's own wiring: loss.png beside metrics.jsonl, and with log.tensorboard the
+    same figures as TensorBoard reads them back."""
+    assert (trained / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert scalars(trained / "tensorboard") == expected_scalars(metrics(trained))
 
 
 def copy_run(trained: Path, dst: Path) -> Path:

@@ -31,6 +31,7 @@ from tokenizer.cli import TRACEBACK_ENV, ArgumentParser, CommandError, describe_
 from .config import ConfigError, TrainConfig, load_config
 from .distributed import DistInfo, setup, teardown
 from .lock import RunLock
+from .metrics import summary_writer_class
 from .data_checks import check_inputs_agree
 from .resume import (
     ResumePlan, base_fingerprint, check_data_outside_output, check_model_outside_output, plan_resume,
@@ -83,6 +84,8 @@ class TrainingRun:
         check_model_outside_output(cfg)
         check_data_outside_output(cfg)
         check_inputs_agree(cfg.data)  # a mixture's sources, the validation sets
+        if cfg.log.tensorboard:
+            summary_writer_class()  # the optional package is there, or one error now
         self.fingerprint = base_fingerprint(read_checkpoint(cfg.model.path, progress=False))
         self.plan: ResumePlan = plan_resume(cfg, self.fingerprint)  # refuses before any write
         self.cfg: TrainConfig = cfg
