@@ -33,6 +33,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the frozen weights
     # stage "embeddings": train only rows >= this id (the new tokens); None: all rows
     new_rows_from: int | None = None
+    # QLoRA: the frozen base weights stored as NF4 (torchao), LoRA and modules_to_save in
+    # higher precision; "none": as model.dtype says
+    quantize: Literal["none", "nf4"] = "none"
 
 
 @dataclass
@@ -54,6 +57,9 @@ class DataConfig:
     # own tail, as val/NAME/loss etc.
     val_fraction: float = 0.0
     pack: bool = False  # SFT: several samples per row, attention kept inside each
+    # pretraining: attention stays inside each document of a block and positions restart
+    # at its start (the shards' document index), as Llama 3 trains
+    document_mask: bool = False
     # SFT: the longest sample (and packed row); data prepared with a longer
     # --max_seq_length is refused. None: the data's own.
     max_seq_length: int | None = None
@@ -89,13 +95,25 @@ class OptimConfig:
     micro_batch_size: int = 8  # sequences per rank per forward
     grad_accum: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float | None = 1.0
+    # adamw: torch's (fused on CUDA); adamw8bit: torchao's 8-bit AdamW (moments in 8 bits)
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    # tok_embeddings and output at their own rate (new rows often want another than LoRA's);
+    # None: optim.lr. Scheduled like lr.
+    embedding_lr: float | None = None
 
 
 @dataclass
 class ParallelConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # none; full: every block; selective: every selective_every-th block; op: every block,
+    # keeping the outputs of the costly ops (matmuls, attention) and recomputing the rest
+    activation_checkpointing: Literal["none", "full", "selective", "op"] = "none"
     selective_every: int = 2  # "selective": checkpoint every n-th block
+    # the checkpointed blocks' saved inputs kept in CPU memory until backward needs them
+    activation_offload: bool = False
+    # HSDP: shard within groups of world_size / replicate ranks (a node), replicate the
+    # groups (across nodes); 1: plain FSDP over every rank
+    replicate: int = 1
     compile: bool = False  # torch.compile each block
     loss_chunk_size: int = 4096  # tokens per chunk of the output layer + loss; 0: whole
     backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -244,7 +262,7 @@ def check(cfg: TrainConfig) -> None:
                 ("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha), ("log.every", lg.every),
                 ("log.eval_batches", lg.eval_batches), ("log.max_bad_steps", lg.max_bad_steps),
                 ("parallel.selective_every", p.selective_every), ("data.max_seq_length", cfg.data.max_seq_length),
-                ("optim.epochs", o.epochs)]
+                ("optim.epochs", o.epochs), ("optim.embedding_lr", o.embedding_lr), ("parallel.replicate", p.replicate)]
     for key, value in positive:
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
