@@ -141,3 +141,31 @@ def chat_template(template: str) -> str:
         f"{{{{- {_lit(t.response_header)} -}}}}",
         "{%- endif -%}",
     ))
+
+
+def render_chat(source: str, messages: list[dict], *, bos_token: str, eos_token: str,
+                add_generation_prompt: bool = True) -> str:
+    """A Jinja chat template (ours from `chat_template`, or a Hugging Face tokenizer's)
+    rendered for `messages` as transformers' `apply_chat_template(tokenize=False)` does:
+    a sandboxed environment that trims blocks, with `raise_exception` and `tojson`.
+
+    Raises:
+        ValueError: the template does not compile, or refuses the messages (its
+            `raise_exception`, e.g. roles that do not alternate).
+    """
+    import jinja2  # torch's own dependency, so always there; imported here as only chats need it
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source).render(messages=messages, bos_token=bos_token,
+                                              eos_token=eos_token,
+                                              add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from None

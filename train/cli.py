@@ -51,6 +51,8 @@ COMMANDS = (
     Command("convert", "model.convert",
             "convert a checkpoint: Meta .pth, Hugging Face, llama2.c, zhllama, GGUF"),
     Command("resize", "model.resize", "grow the embeddings to a merged tokenizer"),
+    Command("self-instruct", "data.self_instruct",
+            "make instruction data by asking a model (any OpenAI-compatible endpoint)"),
     Command("prepare", "data.prepare",
             "tokenize text, or instruction data (--sft), into token shards"),
     Command("pretrain", "train.pretrain",
@@ -67,6 +69,8 @@ COMMANDS = (
     Command("adapters", "model.adapters", "write our adapters in PEFT's layout"),
     Command("generate", "model.generate",
             "generate text (KV cache, templates, LoRAs applied live, interactive)"),
+    Command("serve", "model.serve",
+            "serve a model over OpenAI's API (chat, completions, streaming, batching)"),
     Command("demo", "train.recipe", "the whole recipe at toy scale, on the embedded corpus"),
 )
 
