@@ -24,8 +24,9 @@ import pytest
 
 from data.instruct_tasks import check_task, parse_reply, read_seed_tasks
 from data.rouge import CharTokenizer, RougeIndex, rouge_l, rouge_tokens
-from data.self_instruct import RateLimiter, main, progress_path
-from tests.helpers import SHARED_DATA, one_error, require_shared
+from data.endpoint import RateLimiter
+from data.self_instruct import main, progress_path
+from tests.helpers import SHARED_DATA, require_shared
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 pytest.importorskip("openai")
