@@ -146,7 +146,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise api.APIError(405 if known else 404,
                                    f"{self.command} {path} is not served here" if known else
                                    f"Unknown path {path}: this server has /v1/chat/completions, "
-                                   "/v1/completions and /v1/models", code="unknown_url")
+                                   "/v1/completions and /v1/models",
+                                   code="method_not_allowed" if known else "unknown_url")
             if not app.authorized(self.headers.get("Authorization")):
                 raise api.APIError(401, "Incorrect or missing API key (send it as "
                                         "'Authorization: Bearer KEY')", code="invalid_api_key")
