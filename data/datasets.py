@@ -180,10 +180,16 @@ class PackedBlocks(_Resumable):
     n_blocks // world_size of them: the last n_blocks % world_size blocks of that epoch's
     permutation (different ones each epoch) sit the epoch out, so that every rank takes the
     same number of steps. Split "all" is every block of the directory, in order.
+
+    With `document_mask`, batches carry segment_ids numbering the documents (or parts of
+    them) inside each block, from the shards' document index, so that attention stays
+    inside each document and positions restart at its start; the position before each
+    document boundary has no target (its next token is another document's, unseen).
     """
 
     def __init__(self, path: str | Path, block_size: int = 512, split: str = "train",
-                 val_fraction: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 val_fraction: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 document_mask: bool = False) -> None:
         check_split(split, val_fraction)
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}")
@@ -206,6 +212,8 @@ class PackedBlocks(_Resumable):
                             + (" (no validation split: val_fraction is 0)" if split == "val" and
                                not val_fraction else ""))
         self.epoch = self.position = 0
+        self.document_mask = document_mask
+        self.doc_starts = self.stream.document_starts() if document_mask else None
 
     def __len__(self) -> int:
         """Blocks per rank per epoch."""
@@ -226,15 +234,35 @@ class PackedBlocks(_Resumable):
     def _order(self, epoch: int) -> np.ndarray:
         return self._orders(self.n_blocks, epoch, shuffle=self.split == "train")
 
-    def make_batch(self, blocks: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        """A batch of blocks (`block` or `take`): tokens and labels, (B, L) each."""
+    def segments(self, i: int) -> np.ndarray:
+        """Segment ids of block i: 0 up to the first document start inside it, then one
+        more at each start, (block_size,) int64."""
+        start = self.region[0] + i * self.block_size
+        lo, hi = np.searchsorted(self.doc_starts, [start + 1, start + self.block_size])
+        marks = np.zeros(self.block_size, dtype=np.int64)
+        marks[self.doc_starts[lo:hi] - start] = 1
+        return np.cumsum(marks)
+
+    def unit(self, i: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """What a batch is made of: block i, and with document_mask its segment ids."""
+        return (self.block(i), self.segments(i)) if self.document_mask else self.block(i)
+
+    def make_batch(self, units: list) -> dict[str, torch.Tensor]:
+        """A batch of units (`unit` or `take`): tokens and labels, (B, L) each, and with
+        document_mask the segment ids."""
+        blocks = [u[0] for u in units] if self.document_mask else units
         tokens = np.stack(blocks).astype(np.int64)  # (B, L)
         labels = np.full_like(tokens, IGNORE_INDEX)  # (B, L); the last position has no target
         labels[:, :-1] = tokens[:, 1:]
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
+        batch = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
+        if self.document_mask:
+            segments = np.stack([u[1] for u in units])
+            labels[:, :-1][segments[:, 1:] != segments[:, :-1]] = IGNORE_INDEX  # across a boundary
+            batch["segment_ids"] = torch.from_numpy(segments)
+        return batch
 
     def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return self.make_batch([self.block(i) for i in indices])
+        return self.make_batch([self.unit(i) for i in indices])
 
     def iter_epoch(self, batch_size: int, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """One pass over this rank's blocks of `epoch` (for validation); the last batch may
@@ -255,8 +283,9 @@ class PackedBlocks(_Resumable):
         return out
 
     def take(self, n: int) -> list[np.ndarray]:
-        """The next n training blocks from the saved position (which moves on), across epochs."""
-        return [self.block(i) for i in self._next_indices(n)]
+        """The next n training units (`unit`) from the saved position (which moves on), across
+        epochs."""
+        return [self.unit(i) for i in self._next_indices(n)]
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Train: endless batches from the saved position, across epochs (a batch may span

@@ -12,6 +12,7 @@ on the meta device and call `init_weights()` (or assign loaded tensors) to mater
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -273,14 +274,49 @@ def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor,
     sample (contiguous). Returns positions (bs, seqlen) and a mask (bs, 1, seqlen, seqlen)
     where True means "may attend".
     """
+    seqlen = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segment_ids.device).tril()
+    return segment_positions(segment_ids), (same & causal)[:, None]
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 where each segment (a run of equal ids) starts, (bs, seqlen)."""
     bs, seqlen = segment_ids.shape
     idx = torch.arange(seqlen, device=segment_ids.device).expand(bs, seqlen)
     starts_here = torch.ones_like(segment_ids, dtype=torch.bool)
     starts_here[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    start = torch.where(starts_here, idx, 0).cummax(dim=1).values
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segment_ids.device).tril()
-    return idx - start, (same & causal)[:, None]
+    return idx - torch.where(starts_here, idx, 0).cummax(dim=1).values
+
+
+def segment_block_mask(segment_ids: torch.Tensor):
+    """The causal, inside-each-segment mask as flex attention's BlockMask: it stores which
+    128×128 tiles are empty, full or partial, never an L×L matrix, and the kernel skips the
+    empty tiles (every tile across two documents)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def inside_segment(b, h, q, k):
+        return (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
+
+    bs, seqlen = segment_ids.shape
+    return create_block_mask(inside_segment, bs, None, seqlen, seqlen, device=segment_ids.device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once per process: uncompiled, it is a reference
+    implementation that builds the whole score matrix."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, enable_gqa: bool) -> torch.Tensor:
+    """Attention under a BlockMask: the fused kernel on GPUs, the reference elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def left_padded_positions_and_mask(
@@ -357,10 +393,12 @@ class Attention(nn.Module):
             # every position so far: (bs, n_kv_heads, start_pos + seqlen, head_dim)
             k, v = cache.update(self.layer_id, start_pos, k, v)
         attn_mask, is_causal = mask
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (bs, n_heads, seqlen, head_dim)
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(attn_mask, torch.Tensor) or attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 enable_gqa=gqa)  # (bs, n_heads, seqlen, head_dim)
+        else:  # a flex attention BlockMask (packed documents)
+            out = flex(q, k, v, attn_mask, gqa)
         out = out.transpose(1, 2)  # (bs, seqlen, n_heads, head_dim)
         return self.wo(out.reshape(bs, seqlen, -1))  # wo's input: (bs, seqlen, n_heads * head_dim)
 
@@ -410,6 +448,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # how packed segments (segment_ids) attend: "auto", "flex" or "sdpa" (_segment_mask)
+        self.packed_attention = "auto"
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -496,6 +536,17 @@ class Transformer(nn.Module):
         return linear_cross_entropy_stats(h, self.output.weight, labels.flatten(),
                                           max(chunk_size or h.shape[0], 1))
 
+    def _segment_mask(self, segment_ids: torch.Tensor):
+        """The attention mask of packed segments, by `packed_attention`: "flex", a BlockMask
+        (no L×L matrix); "sdpa", the dense boolean mask, SDPA's exact reference; "auto",
+        flex on CUDA and the dense mask elsewhere (flex's CPU path builds the scores whole)."""
+        kind = self.packed_attention
+        if kind == "auto":
+            kind = "flex" if segment_ids.device.type == "cuda" else "sdpa"
+        if kind == "flex":
+            return segment_block_mask(segment_ids)
+        return segment_positions_and_mask(segment_ids)[1]
+
     def _hidden(
         self,
         tokens: torch.Tensor,
@@ -513,8 +564,8 @@ class Transformer(nn.Module):
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("segment_ids (packed samples) cannot be used with a KV cache")
-            positions, attn_mask = segment_positions_and_mask(segment_ids)
-            mask: tuple[torch.Tensor | None, bool] = (attn_mask, False)
+            positions = segment_positions(segment_ids)
+            mask: tuple[Any, bool] = (self._segment_mask(segment_ids), False)
         elif left_pad is not None:
             positions, attn_mask = left_padded_positions_and_mask(left_pad, seqlen, start_pos)
             mask = (attn_mask, False)

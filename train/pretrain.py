@@ -28,7 +28,7 @@ def packed_blocks(cfg, dist, built):
     check_length("data.block_size", cfg.data.block_size, built.base)
     check_inputs_for_model(cfg.data, built.base, "pretrain", note=dist.is_main)
     kw = dict(block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
-              rank=dist.rank, world_size=dist.world_size)
+              rank=dist.rank, world_size=dist.world_size, document_mask=cfg.data.document_mask)
     d = cfg.data
     return open_datasets(d.path, d.sources, lambda path, split: PackedBlocks(path, split=split, **kw),
                          d.val_fraction, d.val_sets)

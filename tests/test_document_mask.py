@@ -1,0 +1,132 @@
+"""Document-masked packing: a packed row equals each of its documents run alone — logits,
+losses and gradients — through the dense reference mask (SDPA) and through flex attention's
+block mask (the GPU path, run here by its reference implementation), with activation
+checkpointing too; pretraining blocks carry segment ids from the shards' document index,
+and packed SFT rows take the same path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+from data.datasets import PackedBlocks, SFTDataset, TokenStream
+from model.llama import named_args
+from tests.conftest import random_model
+from tests.helpers import FAST, metrics, run, train_cmd
+
+ARGS = named_args("tiny", vocab_size=300, n_kv_heads=2)  # GQA too
+LENGTHS = [5, 17, 1, 9, 32]  # one row of 64: the documents, and padding of its own
+
+
+def packed_row(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, ARGS.vocab_size, (n,), generator=g) for n in LENGTHS]
+    tokens = torch.cat(docs)[None]
+    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(LENGTHS)])[None]
+    return tokens, segments, docs
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "flex"])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_packed_row_equals_its_documents_alone(kind, checkpointed):
+    model = random_model(ARGS)
+    model.packed_attention = kind
+    if checkpointed:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    tokens, segments, docs = packed_row()
+    with torch.set_grad_enabled(kind == "sdpa"):  # torch's flex attention has no CPU backward
+        logits = model(tokens, segment_ids=segments)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+    assert (logits - alone).abs().max() <= 1e-5
+    if kind == "flex":
+        return
+    # gradients: the packed row's loss (no target across a boundary) vs the documents' losses
+    labels = torch.full_like(tokens, -100)
+    starts = np.cumsum([0] + LENGTHS[:-1])
+    for s, d in zip(starts, docs):
+        labels[0, s : s + len(d) - 1] = d[1:]
+    model.zero_grad()
+    model.loss(tokens, labels, segment_ids=segments).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    sum(model.loss(d[None], torch.cat([d[1:], torch.tensor([-100])])[None]) for d in docs).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(packed[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_flex_attention_never_builds_a_dense_mask():
+    """The flex path hands the kernel a BlockMask (which tiles are empty, full or partial),
+    not an L×L tensor."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    model = random_model(ARGS)
+    model.packed_attention = "flex"
+    _, segments, _ = packed_row()
+    assert isinstance(model._segment_mask(segments), BlockMask)
+    model.packed_attention = "auto"  # on the CPU: the dense reference
+    assert isinstance(model._segment_mask(segments), torch.Tensor)
+
+
+def test_blocks_carry_segments_from_the_document_index(world):
+    blocks = PackedBlocks(world / "tokens", block_size=64, document_mask=True)
+    stream = TokenStream(world / "tokens")
+    starts = set(stream.document_starts().tolist())
+    batch = next(blocks.batches(8))
+    order = blocks._order(0)[:8]
+    for row, i in enumerate(order):
+        begin = int(i) * 64
+        seg, labels = batch["segment_ids"][row], batch["labels"][row]
+        for j in range(1, 64):
+            new_document = begin + j in starts
+            assert bool(seg[j] != seg[j - 1]) == new_document
+            if new_document:
+                assert labels[j - 1] == -100  # nothing predicted across the boundary
+            elif j < 64:
+                assert labels[j - 1] == batch["tokens"][row, j]
+    plain = next(PackedBlocks(world / "tokens", block_size=64).batches(8))
+    assert torch.equal(plain["tokens"], batch["tokens"]) and "segment_ids" not in plain
+
+
+def test_pretraining_with_document_mask_takes_each_document_alone(world, tmp_path):
+    """A run with data.document_mask: its first loss equals the mean, over the batch's
+    targets, of each document piece's loss computed alone."""
+    from model.formats import read_checkpoint
+    from model.source import load_model
+
+    run(train_cmd("pretrain", "stage2.yaml", world, tmp_path / "run", *FAST, "--optim.max_steps=2",
+                  "--data.document_mask=true", "--checkpoint.every=0", "--optim.micro_batch_size=2",
+                  "--optim.grad_accum=1"))
+    first = [m for m in metrics(tmp_path / "run") if "loss" in m][0]["loss"]
+    blocks = PackedBlocks(world / "tokens", block_size=32, document_mask=True)
+    batch = next(blocks.batches(2))
+    model = load_model(read_checkpoint(world / "base"))
+    total = count = 0.0
+    with torch.no_grad():
+        for row in range(2):
+            tokens, labels, seg = (batch[k][row] for k in ("tokens", "labels", "segment_ids"))
+            for s in seg.unique():
+                piece = seg == s
+                logits = model(tokens[piece][None])[0]
+                target = labels[piece]
+                keep = target != -100
+                total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+                count += int(keep.sum())
+    assert first == pytest.approx(total / count, rel=1e-5)
+
+
+def test_packed_sft_rows_take_the_flex_path_alike(world):
+    data = SFTDataset(world / "sft", pack=True, max_seq_length=320)
+    batch = next(data.batches(2))
+    model = random_model(named_args("tiny", vocab_size=json.loads((world / "sft" / "meta.json").read_text())["vocab_size"]))
+    with torch.no_grad():
+        model.packed_attention = "sdpa"
+        dense = model(batch["tokens"], segment_ids=batch["segment_ids"])
+        model.packed_attention = "flex"
+        block = model(batch["tokens"], segment_ids=batch["segment_ids"])
+    real = batch["labels"] != -100
+    assert (dense - block)[real].abs().max() <= 1e-5
