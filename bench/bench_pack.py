@@ -1,0 +1,132 @@
+"""Attention over packed documents: SDPA with a dense L×L mask vs flex attention with a
+BlockMask vs varlen (flash) attention, forward + backward, side by side in one run.
+
+    python bench/bench_pack.py                       # GPU: 7B heads (32 × 128), rows of 4,096
+    python bench/bench_pack.py --smoke               # CPU, toy size: checks the paths agree
+
+Each row of `--seq` tokens holds documents whose lengths follow `--mean_doc` (exponential, as
+instruction samples roughly are); all three compute causal attention inside each document
+only. Prints time per forward+backward, peak memory, the ratios to the dense mask, and the
+largest difference of each output from the dense one. On a CPU, flex attention runs its
+reference implementation (forward only: torch has no CPU backward for it) and varlen is
+CUDA-only, so the smoke run times the dense path and checks agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model.llama import flex, segment_block_mask, segment_positions_and_mask
+
+
+def document_lengths(seq: int, mean: int, gen: torch.Generator) -> list[int]:
+    """Lengths of documents filling one row of `seq` tokens (the last one cut to fit)."""
+    out, used = [], 0
+    while used < seq:
+        n = max(1, int(-mean * torch.log(torch.rand(1, generator=gen)).item()))  # exponential
+        n = min(n, seq - used)
+        out.append(n)
+        used += n
+    return out
+
+
+def segments_for(batch: int, seq: int, mean: int, device: torch.device) -> tuple[torch.Tensor, list[list[int]]]:
+    gen = torch.Generator().manual_seed(0)
+    rows, lengths = [], []
+    for _ in range(batch):
+        ls = document_lengths(seq, mean, gen)
+        rows.append(torch.cat([torch.full((n,), i) for i, n in enumerate(ls)]))
+        lengths.append(ls)
+    return torch.stack(rows).to(device), lengths
+
+
+def run_dense(q, k, v, segments):
+    mask = segment_positions_and_mask(segments)[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def run_flex(q, k, v, segments):
+    return flex(q, k, v, segment_block_mask(segments), enable_gqa=False)
+
+
+def run_varlen(q, k, v, lengths):
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h, s, d = q.shape
+    flat = [t.transpose(1, 2).reshape(b * s, h, d) for t in (q, k, v)]  # (total, heads, dim)
+    cu = torch.tensor([0] + [n for row in lengths for n in row], device=q.device).cumsum(0).to(torch.int32)
+    longest = max(n for row in lengths for n in row)
+    out = varlen_attn(*flat, cu, cu, longest, longest, window_size=(-1, 0))
+    return out.view(b, s, h, d).transpose(1, 2)
+
+
+def measure(fn, inputs, steps: int, backward: bool, device: torch.device) -> tuple[float, int, torch.Tensor]:
+    """Median seconds of fn (forward, and backward of its sum), the peak memory, the output."""
+    def once():
+        q, k, v = (t.detach().requires_grad_(backward) for t in inputs[:3])
+        out = fn(q, k, v, inputs[3])
+        if backward:
+            out.float().sum().backward()
+        return out.detach()
+
+    with torch.set_grad_enabled(backward):
+        out = once()  # warm-up (and compilation)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            once()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return statistics.median(times), peak, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="toy size on the CPU (CI)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head_dim", type=int, default=128)
+    p.add_argument("--mean_doc", type=int, default=300, help="mean document length in tokens")
+    p.add_argument("--steps", type=int, default=10)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.batch, a.seq, a.heads, a.head_dim, a.mean_doc, a.steps = 2, 256, 4, 16, 40, 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(a.batch, a.heads, a.seq, a.head_dim, device=device, dtype=dtype) for _ in range(3))
+    segments, lengths = segments_for(a.batch, a.seq, a.mean_doc, device)
+    gpu = device.type == "cuda"
+    paths = [("dense mask (SDPA)", run_dense, segments, True),
+             ("flex attention (BlockMask)", run_flex, segments, gpu)]
+    if gpu:
+        paths.append(("varlen (flash)", run_varlen, lengths, True))
+    n_docs = sum(len(r) for r in lengths)
+    print(f"{device.type}: batch {a.batch} × {a.seq} tokens, {a.heads} heads × {a.head_dim}, "
+          f"{n_docs} documents (mean {a.batch * a.seq / n_docs:.0f} tokens), {dtype}")
+    base_time = base_mem = reference = None
+    print("| attention | pass | time (ms) | peak memory (MB) | time ÷ dense | memory ÷ dense | max |Δ| vs dense |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, fn, extra, backward in paths:
+        t, mem, out = measure(fn, (q, k, v, extra), a.steps, backward, device)
+        if reference is None:
+            base_time, base_mem, reference = t, mem, out
+        diff = (out.float() - reference.float()).abs().max().item()
+        ratio_mem = f"{mem / base_mem:.2f}×" if base_mem else "-"
+        print(f"| {name} | {'fwd+bwd' if backward else 'fwd'} | {t * 1e3:.2f} | {mem / 2**20:,.0f} | "
+              f"{t / base_time:.2f}× | {ratio_mem} | {diff:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
