@@ -35,13 +35,19 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # `log.tensorboard: true`: scalars through torch.utils.tensorboard, which needs it
         "tensorboard": ["tensorboard>=2.14"],
-        # `zhllama self-instruct`: the official client for any OpenAI-compatible endpoint,
-        # and Google's ROUGE-L scorer for the near-duplicate filter
-        "instruct": ["openai>=1.0", "rouge-score>=0.1.2"],
+        # model.quantize: nf4 (QLoRA, torchao's NF4Tensor, as torchtune uses) and
+        # optim.name: adamw8bit (torchao's 8-bit AdamW)
+        "torchao": ["torchao>=0.18"],
+        # `zhllama self-instruct`: the official client for any OpenAI-compatible endpoint
+        # (its ROUGE-L is our own, tested equal to the rouge-score package's, in "test")
+        "instruct": ["openai>=1.0"],
+        # `zhllama serve` runs on the standard library's HTTP server: nothing to add; the
+        # extra exists so that `pip install zhllama[serve]` works as documented
+        "serve": [],
         # real reference implementations the tests compare against, and the optional
         # extras' libraries so that their tests run
         "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "gguf>=0.10",
-                 "matplotlib>=3.7", "tensorboard>=2.14", "openai>=1.0", "rouge-score>=0.1.2"],
+                 "matplotlib>=3.7", "tensorboard>=2.14", "torchao>=0.18", "openai>=1.0", "rouge-score>=0.1.2"],
         # llama.cpp itself, to prove our GGUF files run there (built from source by pip)
         "llamacpp": ["llama-cpp-python>=0.3"],
     },
