@@ -4,10 +4,17 @@ Both give `batches(batch_size)`: an endless iterator of dicts
     tokens  LongTensor (batch, length)
     labels  LongTensor (batch, length): labels[:, j] is the token to predict at position j
             (tokens[:, j + 1]), or -100 where no loss is taken
-(+ segment_ids for packed SFT rows), shuffled per epoch with a seed, each rank reading
-its own disjoint share, and `state_dict()` / `load_state_dict()` that resume exactly.
-`take(n)` and `make_batch(units)` are the same batches a unit at a time (a block, a sample,
-a packed row), for a mixture of several directories (data/mixing.py).
+(+ segment_ids for packed SFT rows), shuffled per epoch with a seed, and `state_dict()` /
+`load_state_dict()` that resume exactly. `take(n)`, `skip(n)` and `make_batch(units)` are the
+same batches a unit at a time (a block, a sample, a packed row), for a mixture of several
+directories (data/mixing.py).
+
+The order is global, the same whatever the number of ranks: the training units form one
+sequence (each epoch's seeded permutation after the last), and at global position G the
+ranks' next batches of b units are units G .. G + b·W - 1 of it, rank r of W taking
+G + r, G + r + W, … (`deal`). The position saved, the units of the epoch consumed by all
+ranks together, is the same on every rank, and a run resumed on another number of ranks
+(with the same global batch) reads on exactly where it stopped.
 
 Splits: "train", "val" (the held-out tail of `val_fraction`) and "all" (the whole
 directory, whatever `val_fraction` says: a validation set of its own). Only "train"
@@ -17,7 +24,7 @@ shuffles and runs endlessly; the others are read once, in order.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -110,13 +117,37 @@ def check_file_sizes(path: Path, files: list[dict[str, Any]], dtype: np.dtype) -
                             f"{want:,} bytes; truncated copy?)")
 
 
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The items of an epoch in the order every rank reads them: a permutation seeded by
+    (seed, epoch), or 0 .. n - 1."""
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
 def rank_order(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool) -> np.ndarray:
-    """This rank's items for an epoch: a seeded permutation dealt round-robin, cut to equal
-    shares so every rank takes the same number of steps (at most world_size - 1 items,
-    different ones each epoch, sit an epoch out)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    """This rank's items of one pass (validation): the epoch's order dealt round-robin, cut
+    to equal shares so every rank takes the same number of batches (at most
+    world_size - 1 items sit the pass out)."""
     per_rank = n // world_size
-    return order[rank::world_size][:per_rank]
+    return epoch_order(n, seed, epoch, shuffle)[rank::world_size][:per_rank]
+
+
+class GlobalUnits(Protocol):
+    """A sequence of training units shared by all ranks: each rank's copy moves through
+    every unit, reading only those `deal` gives it."""
+
+    def take(self, n: int) -> list[Any]: ...
+    def skip(self, n: int) -> None: ...
+
+
+def deal(units: GlobalUnits, n: int, rank: int, world_size: int) -> list[Any]:
+    """Rank `rank`'s n units of the next n · world_size: from the global position G, units
+    G + rank, G + rank + world_size, …; afterwards every rank's position is G + n · world_size."""
+    out: list[Any] = []
+    for _ in range(n):
+        units.skip(rank)
+        out += units.take(1)
+        units.skip(world_size - 1 - rank)
+    return out
 
 
 def shift_labels(tokens: np.ndarray, first_target: int = 0) -> np.ndarray:
@@ -128,7 +159,8 @@ def shift_labels(tokens: np.ndarray, first_target: int = 0) -> np.ndarray:
 
 
 class _Resumable:
-    """Epoch/position bookkeeping shared by both datasets."""
+    """Epoch/position bookkeeping shared by both datasets: `position` items of epoch
+    `epoch`'s order consumed, by all ranks together."""
 
     epoch: int
     position: int
@@ -138,11 +170,15 @@ class _Resumable:
     _cached_order: tuple[tuple[int, int, bool], np.ndarray] | None = None
 
     def _orders(self, n: int, epoch: int, shuffle: bool) -> np.ndarray:
-        """This rank's items of `epoch` (`rank_order`), computed once per epoch, not per step."""
+        """The items of `epoch` (`epoch_order`), computed once per epoch, not per step."""
         key = (n, epoch, shuffle)
         if self._cached_order is None or self._cached_order[0] != key:
-            self._cached_order = (key, rank_order(n, self.seed, epoch, self.rank, self.world_size, shuffle))
+            self._cached_order = (key, epoch_order(n, self.seed, epoch, shuffle))
         return self._cached_order[1]
+
+    def _skip_items(self, k: int, n: int) -> None:
+        """Move the position k items on, in epochs of n items."""
+        self.epoch, self.position = self.epoch + (self.position + k) // n, (self.position + k) % n
 
     def _state(self, **fixed: Any) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, **fixed}
@@ -176,10 +212,11 @@ class PackedBlocks(_Resumable):
     A validation split is held out by whole documents: the tail of the stream from the
     first document boundary at or after (1 - val_fraction) of the tokens. The trailing
     partial block of each region is dropped. Each epoch, the region's blocks are shuffled
-    with `default_rng([seed, epoch])` and dealt round-robin to the ranks, every rank taking
-    n_blocks // world_size of them: the last n_blocks % world_size blocks of that epoch's
-    permutation (different ones each epoch) sit the epoch out, so that every rank takes the
-    same number of steps. Split "all" is every block of the directory, in order.
+    with `default_rng([seed, epoch])`; training reads the epochs one after another, dealt to
+    the ranks unit by unit (`deal`: the same blocks in the same order on any number of
+    ranks; a batch may span two epochs). Validation splits give each rank
+    n_blocks // world_size blocks of one pass (`rank_order`). Split "all" is every block of
+    the directory, in order.
 
     With `document_mask`, batches carry segment_ids numbering the documents (or parts of
     them) inside each block, from the shards' document index, so that attention stays
@@ -216,23 +253,24 @@ class PackedBlocks(_Resumable):
         self.doc_starts = self.stream.document_starts() if document_mask else None
 
     def __len__(self) -> int:
-        """Blocks per rank per epoch."""
+        """Blocks per rank of one pass (validation: `iter_epoch`)."""
         return self.n_blocks // self.world_size
 
     def rows_per_epoch(self) -> int:
-        """Batch rows one rank reads per epoch: its blocks."""
-        return len(self)
+        """Batch rows of one training epoch, all ranks together: the blocks."""
+        return self.n_blocks
 
     def num_tokens(self) -> int:
         """Tokens of one epoch, all ranks together."""
-        return len(self) * self.world_size * self.block_size
+        return self.n_blocks * self.block_size
 
     def block(self, i: int) -> np.ndarray:
         """Block i of this split's region, (block_size,) in the file's dtype."""
         return self.stream.read(self.region[0] + i * self.block_size, self.block_size)
 
     def _order(self, epoch: int) -> np.ndarray:
-        return self._orders(self.n_blocks, epoch, shuffle=self.split == "train")
+        """This rank's blocks of one pass over `epoch` (validation)."""
+        return rank_order(self.n_blocks, self.seed, epoch, self.rank, self.world_size, self.split == "train")
 
     def segments(self, i: int) -> np.ndarray:
         """Segment ids of block i: 0 up to the first document start inside it, then one
@@ -274,7 +312,7 @@ class PackedBlocks(_Resumable):
     def _next_indices(self, n: int) -> list[int]:
         out: list[int] = []
         while len(out) < n:
-            order = self._order(self.epoch)
+            order = self._orders(self.n_blocks, self.epoch, shuffle=True)
             take = order[self.position : self.position + n - len(out)].tolist()
             out += take
             self.position += len(take)
@@ -283,31 +321,35 @@ class PackedBlocks(_Resumable):
         return out
 
     def take(self, n: int) -> list[np.ndarray]:
-        """The next n training units (`unit`) from the saved position (which moves on), across
-        epochs."""
+        """The next n units (`unit`) of the global training sequence from the saved position
+        (which moves on), across epochs."""
         return [self.unit(i) for i in self._next_indices(n)]
 
+    def skip(self, n: int) -> None:
+        """Move the position past the next n units without reading them (other ranks' units)."""
+        self._skip_items(n, self.n_blocks)
+
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Train: endless batches from the saved position, across epochs (a batch may span
-        two). Val, all: one pass in order (`iter_epoch`)."""
+        """Train: this rank's endless batches from the saved position (`deal`), across
+        epochs. Val, all: one pass in order (`iter_epoch`)."""
         if self.split != "train":
             yield from self.iter_epoch(batch_size)
             return
         while True:
-            yield self.make_batch(self.take(batch_size))
+            yield self.make_batch(deal(self, batch_size, self.rank, self.world_size))
 
     def state_dict(self) -> dict[str, Any]:
         return self._state(**self._fixed())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state_dict` was taken; refuses a state from another setup (seed,
-        block size, world size, split, data). Any rank may load any rank's state: all ranks
-        are at the same position."""
+        block size, split, data). Any rank of any number of ranks may load any rank's
+        state: the position is global, the same on every rank."""
         self._load(state, **self._fixed())
 
     def _fixed(self) -> dict[str, Any]:
-        return {"seed": self.seed, "block_size": self.block_size, "world_size": self.world_size,
-                "split": self.split, "n_blocks": self.n_blocks}
+        return {"seed": self.seed, "block_size": self.block_size, "split": self.split,
+                "n_blocks": self.n_blocks}
 
 
 class SFTDataset(_Resumable):
@@ -315,8 +357,10 @@ class SFTDataset(_Resumable):
     or (pack=True) several samples per row of max_seq_length, attention kept inside each.
 
     A validation split holds out the last `val_fraction` of the samples (at least one when
-    the fraction is positive); training shuffles its samples each epoch, validation reads
-    its own once, in order (split "all": every sample of the directory).
+    the fraction is positive); training shuffles its samples each epoch and deals them, or
+    the rows packed from them, to the ranks unit by unit (`deal`: packed greedily from the
+    global order, the same rows on any number of ranks); validation gives each rank its
+    share once, in order (split "all": every sample of the directory).
     """
 
     def __init__(self, path: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -355,15 +399,15 @@ class SFTDataset(_Resumable):
         self.epoch = self.position = 0
 
     def __len__(self) -> int:
-        """Samples per rank per epoch."""
+        """Samples per rank of one pass (validation)."""
         return len(self.ids) // self.world_size
 
     def rows_per_epoch(self) -> int:
-        """Batch rows one rank reads per epoch: its samples, or packed, the rows its
-        samples of the first epoch fill (later epochs differ by a row or two)."""
+        """Batch rows of one training epoch, all ranks together: the samples, or packed,
+        the rows the first epoch's samples fill (later epochs differ by a row or two)."""
         if not self.pack:
-            return len(self)
-        order = rank_order(len(self.ids), self.seed, 0, self.rank, self.world_size, True)
+            return len(self.ids)
+        order = epoch_order(len(self.ids), self.seed, 0, True)
         rows, used = 0, self.max_seq_length + 1
         for n in self.lengths[self.ids[order]].tolist():
             if used + n > self.max_seq_length:
@@ -372,40 +416,48 @@ class SFTDataset(_Resumable):
         return rows
 
     def num_tokens(self) -> int:
-        """Tokens of one epoch, all ranks together (the samples they read)."""
-        order = rank_order(len(self.ids), self.seed, 0, 0, 1, False)[: len(self) * self.world_size]
-        return int(self.lengths[self.ids[order]].sum())
+        """Tokens of one epoch, all ranks together."""
+        return int(self.lengths[self.ids].sum())
 
     def sample(self, i: int) -> tuple[np.ndarray, int]:
         """(tokens, prompt length) of sample i of the whole file (any split)."""
         return self.stream.read(int(self.starts[i]), int(self.lengths[i])), int(self.plens[i])
 
     def _next(self) -> int:
+        """The next sample of the global training order (its id in the file)."""
         order = self._orders(len(self.ids), self.epoch, shuffle=True)
         i = int(self.ids[order[self.position]])
-        self.position += 1
-        if self.position >= len(order):
-            self.epoch, self.position = self.epoch + 1, 0
+        self._skip_items(1, len(order))
         return i
 
-    def _packed_row(self) -> list[tuple[np.ndarray, int]]:
-        """Whole samples for one row, up to max_seq_length tokens (always at least one)."""
+    def _packed_row(self) -> list[int]:
+        """The samples of the next row: whole ones, up to max_seq_length tokens (always at
+        least one). Their lengths decide, so rows other ranks take cost no reading."""
         row, used = [], 0
         while True:
             saved = (self.epoch, self.position)
-            tokens, plen = self.sample(self._next())
-            if row and used + len(tokens) > self.max_seq_length:
+            i = self._next()
+            if row and used + int(self.lengths[i]) > self.max_seq_length:
                 self.epoch, self.position = saved  # it starts the next row instead
                 return row
-            row.append((tokens, plen))
-            used += len(tokens)
+            row.append(i)
+            used += int(self.lengths[i])
 
     def take(self, n: int) -> list[Any]:
-        """The next n training units from the saved position (which moves on): packed rows
-        (lists of samples) with `pack`, else samples ((tokens, prompt length) each)."""
+        """The next n units of the global training sequence from the saved position (which
+        moves on): packed rows (lists of samples) with `pack`, else samples ((tokens,
+        prompt length) each)."""
         if self.pack:
-            return [self._packed_row() for _ in range(n)]
+            return [[self.sample(i) for i in self._packed_row()] for _ in range(n)]
         return [self.sample(self._next()) for _ in range(n)]
+
+    def skip(self, n: int) -> None:
+        """Move the position past the next n units without reading them (other ranks' units)."""
+        if not self.pack:
+            self._skip_items(n, len(self.ids))
+            return
+        for _ in range(n):
+            self._packed_row()
 
     def make_batch(self, units: list[Any]) -> dict[str, torch.Tensor]:
         """A batch of units (`take`): padded samples, or packed rows with segment_ids."""
@@ -419,7 +471,7 @@ class SFTDataset(_Resumable):
             yield from self._one_pass(batch_size)
             return
         while True:
-            yield self.make_batch(self.take(batch_size))
+            yield self.make_batch(deal(self, batch_size, self.rank, self.world_size))
 
     def _one_pass(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         order = rank_order(len(self.ids), self.seed, 0, self.rank, self.world_size, False)
@@ -443,8 +495,7 @@ class SFTDataset(_Resumable):
         self._load(state, **self._fixed())
 
     def _fixed(self) -> dict[str, Any]:
-        return {"seed": self.seed, "world_size": self.world_size, "samples": len(self.ids),
-                "pack": self.pack}
+        return {"seed": self.seed, "samples": len(self.ids), "pack": self.pack}
 
 
 def collate(samples: list[tuple[np.ndarray, int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -8,9 +8,11 @@ sets that go with them.
 the source furthest below its share of the units drawn so far (the largest deficit,
 ties to the source listed first). The rule needs no random numbers: after n units every
 source's count is within one unit of weight · n for two sources (a few units for more), so
-the realised shares follow the weights from the first batch on, and every rank, drawing
-the same number of units, makes the same choices. Each source keeps its own epoch,
-shuffle and rank share; a small source simply starts its next epoch sooner.
+the realised shares follow the weights from the first batch on. The choices are made for
+the global sequence of units, which the ranks share out as a single dataset's (`deal`):
+every rank makes every choice and moves each source past the units other ranks take, so
+the mixture reads the same units in the same order on any number of ranks. Each source
+keeps its own epoch and shuffle; a small source simply starts its next epoch sooner.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .datasets import deal
 from .shards import DataError
 
 
@@ -42,7 +45,11 @@ class Source:
 class Units(Protocol):
     """What a mixture needs of each source: PackedBlocks and SFTDataset give it."""
 
+    rank: int
+    world_size: int
+
     def take(self, n: int) -> list[Any]: ...
+    def skip(self, n: int) -> None: ...
     def make_batch(self, units: list[Any]) -> dict[str, torch.Tensor]: ...
     def rows_per_epoch(self) -> int: ...
     def num_tokens(self) -> int: ...
@@ -66,6 +73,9 @@ class Mixture:
         self.sources, self.names = list(sources), list(names)
         self.weights = [float(w) / total for w in weights]
         self.counts = [0] * len(sources)
+        self.rank, self.world_size = self.sources[0].rank, self.sources[0].world_size
+        if any((s.rank, s.world_size) != (self.rank, self.world_size) for s in self.sources):
+            raise ValueError("the sources of a mixture must be opened for the same rank and world size")
 
     def pick(self) -> int:
         """The source of the next unit (and count it): the largest deficit below its share."""
@@ -75,14 +85,23 @@ class Mixture:
         self.counts[i] += 1
         return i
 
+    def take(self, n: int) -> list[Any]:
+        """The next n units of the global sequence, each from the source `pick` names."""
+        return [self.sources[self.pick()].take(1)[0] for _ in range(n)]
+
+    def skip(self, n: int) -> None:
+        """Choose the next n units' sources and move those sources past them, unread."""
+        for _ in range(n):
+            self.sources[self.pick()].skip(1)
+
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless batches from the saved position; each unit from the source `pick` names."""
+        """This rank's endless batches from the saved position (`deal`)."""
         while True:
-            units = [self.sources[self.pick()].take(1)[0] for _ in range(batch_size)]
+            units = deal(self, batch_size, self.rank, self.world_size)
             yield self.sources[0].make_batch(units)  # all sources are of one kind
 
     def rows_per_epoch(self) -> int:
-        """Batch rows one rank reads in one epoch of every source."""
+        """Batch rows of one epoch of every source, all ranks together."""
         return sum(s.rows_per_epoch() for s in self.sources)
 
     def num_tokens(self) -> int:
@@ -90,7 +109,8 @@ class Mixture:
         return sum(s.num_tokens() for s in self.sources)
 
     def shares(self) -> dict[str, float]:
-        """The fraction of the units drawn so far that came from each source, by name."""
+        """The fraction of the units drawn so far (by all ranks) that came from each
+        source, by name."""
         total = sum(self.counts)
         return {name: c / total if total else 0.0 for name, c in zip(self.names, self.counts)}
 

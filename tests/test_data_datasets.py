@@ -66,47 +66,60 @@ def test_stream_and_blocks_across_files(lunyu, tok, shared_data):
     assert (batch["labels"][:, -1] == IGNORE_INDEX).all()
 
 
+def interleave(per_rank: list[list[tuple[int, ...]]], batch: int) -> list[tuple[int, ...]]:
+    """The rows of W ranks' batches of `batch` rows in the global order: batch k of rank r
+    holds global rows k·b·W + r, k·b·W + r + W, …"""
+    world, out = len(per_rank), []
+    for k in range(len(per_rank[0]) // batch):
+        mine = [rows_[k * batch : (k + 1) * batch] for rows_ in per_rank]
+        out += [mine[j % world][j // world] for j in range(batch * world)]
+    return out
+
+
 @pytest.mark.parametrize("block_size", [64, 65])
-def test_two_ranks_cover_every_block_once_per_epoch(lunyu, block_size):
-    ranks = [PackedBlocks(lunyu, block_size=block_size, seed=7, rank=r, world_size=2) for r in (0, 1)]
-    n = ranks[0].n_blocks
-    blocks = [tuple(ranks[0].block(i).tolist()) for i in range(n)]
-    assert len(set(blocks)) == n  # blocks of the Analects are all different
-    assert len(ranks[0]) == len(ranks[1]) == n // 2
-    epochs = []
-    for epoch in range(2):
-        seen = [row for d in ranks for b in d.iter_epoch(8, epoch) for row in rows(b)]
-        assert len(seen) == len(set(seen)) == 2 * (n // 2)  # disjoint, equal shares
-        epochs.append(set(blocks) - set(seen))  # at most world_size - 1 sit the epoch out
-        assert len(epochs[-1]) == n % 2
-    if n % 2:
-        assert epochs[0] != epochs[1]  # a different block each epoch
-    # the endless iterator deals the same blocks as iter_epoch, epoch after epoch
-    it = ranks[1].batches(5)
-    endless = [row for _ in range(2 * len(ranks[1]) // 5) for row in rows(next(it))]
-    expected = [row for e in range(2) for b in ranks[1].iter_epoch(5, e) for row in rows(b)]
-    assert endless == expected[: len(endless)]
-    assert sorted(endless[: len(ranks[1])]) != endless[: len(ranks[1])]  # shuffled
+def test_any_number_of_ranks_reads_one_global_order(lunyu, block_size):
+    one = PackedBlocks(lunyu, block_size=block_size, seed=7)
+    n = one.n_blocks
+    blocks = [tuple(one.block(i).tolist()) for i in range(n)]
+    assert len(set(blocks)) == n and n % 6  # all different; epochs end inside a step
+    # the global order: each epoch's permutation after the last, every block once per epoch
+    order = [tuple(x.tolist()) for x in one.take(2 * n + 12)]
+    assert sorted(order[:n]) == sorted(blocks) == sorted(order[n : 2 * n]) and order[:n] != order[n : 2 * n]
+    assert sorted(order[:n]) != order[:n]  # shuffled
+    for world, batch in ((1, 6), (2, 3), (3, 2)):  # the same 6 rows per step
+        ranks = [PackedBlocks(lunyu, block_size=block_size, seed=7, rank=r, world_size=world)
+                 for r in range(world)]
+        seen = [[row for _, b in zip(range((2 * n + 12) // 6), d.batches(batch)) for row in rows(b)]
+                for d in ranks]
+        assert interleave(seen, batch) == order[: len(interleave(seen, batch))], world
+        assert len({d.state_dict()["position"] for d in ranks}) == 1  # one position, on every rank
+    # validation passes: each rank its own share, disjoint and equal
+    halves = [[row for b in PackedBlocks(lunyu, block_size=block_size, seed=7, rank=r, world_size=2)
+               .iter_epoch(8) for row in rows(b)] for r in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == n // 2 and not set(halves[0]) & set(halves[1])
 
 
-def test_resume_mid_epoch(lunyu):
-    kw = dict(block_size=64, val_fraction=0.1, seed=3, rank=1, world_size=2)
-    a = PackedBlocks(lunyu, **kw)
-    it = a.batches(3)
-    taken = len(a) // 3 - 2
+def test_resume_mid_epoch_on_any_number_of_ranks(lunyu):
+    kw = dict(block_size=64, val_fraction=0.1, seed=3)
+    ranks = [PackedBlocks(lunyu, **kw, rank=r, world_size=2) for r in (0, 1)]
+    its = [d.batches(3) for d in ranks]
+    taken = ranks[0].n_blocks // 6 - 2
     for _ in range(taken):
-        next(it)
-    state = a.state_dict()
-    assert taken > 0 and state["epoch"] == 0 and state["position"] == 3 * taken  # blocks drawn
-    expected = [next(it)["tokens"] for _ in range(8)]  # runs into the next epoch
-    assert a.state_dict()["epoch"] == 1
-    b = PackedBlocks(lunyu, **{**kw, "rank": 0})
-    b.load_state_dict(state)  # any rank may load it: every rank is at the same position
-    b = PackedBlocks(lunyu, **kw)
-    b.load_state_dict(state)
-    got = [batch["tokens"] for _, batch in zip(range(8), b.batches(3))]
-    assert all(torch.equal(x, y) for x, y in zip(expected, got))
-    for change in ({"world_size": 1, "rank": 0}, {"block_size": 32}, {"seed": 4}, {"val_fraction": 0.2}):
+        for it in its:
+            next(it)
+    state = ranks[1].state_dict()
+    assert taken > 0 and state == ranks[0].state_dict()
+    assert state["epoch"] == 0 and state["position"] == 6 * taken  # blocks drawn by both ranks
+    expected = [[row for _ in range(8) for row in rows(next(it))] for it in its]  # into the next epoch
+    assert ranks[0].state_dict()["epoch"] == 1
+    again = PackedBlocks(lunyu, **kw, rank=1, world_size=2)
+    again.load_state_dict(state)
+    assert [row for _, b in zip(range(8), again.batches(3)) for row in rows(b)] == expected[1]
+    # on one rank, 6 rows a batch: the two ranks' blocks, in the global order
+    alone = PackedBlocks(lunyu, **kw)
+    alone.load_state_dict(state)
+    assert [row for _, b in zip(range(8), alone.batches(6)) for row in rows(b)] == interleave(expected, 3)
+    for change in ({"block_size": 32}, {"seed": 4}, {"val_fraction": 0.2}):
         with pytest.raises(DataError, match="cannot resume"):
             PackedBlocks(lunyu, **{**kw, **change}).load_state_dict(state)
     with pytest.raises(DataError, match="split"):
@@ -177,6 +190,22 @@ def test_sft_dataset_batches_packing_and_resume(alpaca, tok):
         starts = torch.nonzero(torch.diff(segments[r], prepend=torch.tensor([-1]))).flatten()
         for s in starts[:n_samples]:
             assert tokens[r, s] == 1 and (s == 0 or (tokens[r, s - 1] == 2 and labels[r, s - 1] == IGNORE_INDEX))
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["samples", "packed"])
+def test_sft_rows_are_the_same_on_any_number_of_ranks(alpaca, pack):
+    """Packed rows too: packed from the global order by the samples' lengths, so each rank
+    knows where the rows it skips end without reading them."""
+    def rows_of(world: int, batch: int, steps: int) -> list[list[tuple[int, ...]]]:
+        ranks = [SFTDataset(alpaca, seed=1, pack=pack, max_seq_length=1024, rank=r, world_size=world)
+                 for r in range(world)]
+        return [[row for _, b in zip(range(steps), d.batches(batch)) for row in rows(b)] for d in ranks]
+
+    one = rows_of(1, 4, 70)[0]  # past the end of the first epoch (250 samples)
+    two = rows_of(2, 2, 70)
+    # rows are padded to their batch's longest: compare them without the padding
+    unpad = lambda r: tuple(t for t in r if t != 0)  # id 0 (<unk>) never occurs in these samples
+    assert [unpad(r) for r in interleave(two, 2)] == [unpad(r) for r in one]
 
 
 def test_check_tokenizer_and_kinds(alpaca, lunyu, tok, shared_data):

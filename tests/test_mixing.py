@@ -75,6 +75,15 @@ def mixture(dirs: dict[str, Path], weights: list[float], block_size: int = 32, *
                    weights, list(dirs))
 
 
+def mixture_after(dirs: dict[str, Path], batches: list) -> dict:
+    """The state of a one-rank mixture (weights 0.7, 0.3) after drawing `batches`."""
+    m = mixture(dirs, [0.7, 0.3])
+    it = m.batches(len(batches[0]))
+    for _ in batches:
+        next(it)
+    return m.state_dict()
+
+
 def rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
     return [tuple(r) for r in batch["tokens"].tolist()]
 
@@ -109,12 +118,12 @@ def test_each_source_keeps_its_own_order_and_two_constructions_agree(real):
         mine = [r for b in first for r in b if owner[r] == name]
         alone = [tuple(x.tolist()) for x in PackedBlocks(d, block_size=32, seed=5).take(len(mine))]
         assert mine == alone
-    # two ranks: disjoint blocks, the same choices (so one saved state fits both)
+    # two ranks, 2 rows each: the one-rank sequence of 4-row batches, dealt round-robin;
+    # every rank counts every choice (so one saved state fits both, and any number of ranks)
     ranks = [mixture(dirs, [0.7, 0.3], rank=r, world_size=2) for r in (0, 1)]
-    seen = [[r for _, b in zip(range(20), m.batches(4)) for r in rows(b)] for m in ranks]
-    assert not set(seen[0]) & set(seen[1])
-    assert [owner[r] for r in seen[0]] == [owner[r] for r in seen[1]]
-    assert ranks[0].counts == ranks[1].counts
+    seen = [[r for _, b in zip(range(40), m.batches(2)) for r in rows(b)] for m in ranks]
+    assert [row for pair in zip(*seen) for row in pair] == [r for b in first for r in b]
+    assert ranks[0].state_dict() == ranks[1].state_dict() == mixture_after(dirs, first)
 
 
 def test_resume_mid_way_equals_a_straight_pass(real):

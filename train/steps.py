@@ -5,7 +5,8 @@ What a step holds, and where:
   frozen base is re-read from model.path), the optimizer's moments and step counts, the
   loss scaler and the progress counters, every one of them a tensor;
 - `rank-R.safetensors`, per rank: the RNG states (tensors) and the data position (JSON in
-  the file's metadata);
+  the file's metadata; a global position, the same in every rank's file, so that a run
+  resumed on another number of ranks reads on where it stopped);
 - `config.yaml` (the resolved config) and `meta.json` (the step, the world size, a
   fingerprint of the base, and every file of the step with its size).
 
@@ -21,6 +22,7 @@ skipped on resume, with a warning, in favour of the previous complete one.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -211,8 +213,8 @@ def write_rank_state(path: Path, rank: int, data_state: dict[str, Any], device: 
     save_file(tensors, _rank_file(path, rank), metadata={"data": json.dumps(data_state)})
 
 
-def read_rank_state(path: Path, rank: int, device: torch.device) -> dict[str, Any]:
-    """Restore this rank's RNG states; return its data position."""
+def _read_rank_file(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(RNG tensors, data position) of rank `rank`'s file of a step."""
     file = _rank_file(path, rank)
     try:
         tensors = load_file(file)
@@ -220,13 +222,35 @@ def read_rank_state(path: Path, rank: int, device: torch.device) -> dict[str, An
 
         with safe_open(file, "pt") as f:
             data = json.loads((f.metadata() or {})["data"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     except (SafetensorError, KeyError, json.JSONDecodeError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{file}: unreadable ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: the data position is not a mapping")
+    if "rng.torch" not in tensors:
+        raise CheckpointError(f"{file}: unreadable (no rng.torch)")
+    return tensors, data
+
+
+def read_rank_state(path: Path, rank: int, device: torch.device) -> dict[str, Any]:
+    """Restore this rank's RNG states; return the data position."""
+    tensors, data = _read_rank_file(path, rank)
+    try:
+        torch.set_rng_state(tensors["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    except RuntimeError as e:
+        raise CheckpointError(f"{_rank_file(path, rank)}: unreadable ({e})") from None
+    return data
+
+
+def reseed_rank(path: Path, rank: int) -> dict[str, Any]:
+    """For a rank the step has no file for (it was saved by fewer ranks): seed this
+    process's generators afresh, from rank 0's saved state and `rank` (reproducible, and
+    unlike any other rank's stream or a fresh start's); return the data position, which
+    every rank's file holds alike."""
+    tensors, data = _read_rank_file(path, 0)
+    digest = hashlib.sha256(tensors["rng.torch"].numpy().tobytes() + f"rank {rank}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)  # CPU and every GPU
     return data
 
 
@@ -400,16 +424,28 @@ def _first_cause(e: CheckpointException, path: Path) -> str:
     return f"{path}: checkpoint failed"
 
 
-def load(path: Path, state: TrainState, dist: DistInfo) -> dict[str, Any] | None:
-    """Load a verified step into `state` in place; return this rank's data position (None
-    if the world size changed: data positions cannot be mapped then, and the caller
-    restarts the data order from the saved step)."""
+def load(path: Path, state: TrainState, dist: DistInfo) -> dict[str, Any]:
+    """Load a verified step into `state` in place; return the data position (global: the
+    same for any number of ranks).
+
+    Each rank takes back its own RNG states. A step saved by another number of ranks
+    says so in a note: the data reads on where it stopped, but ranks the step has no
+    states for (a run on more ranks) start new ones (`reseed_rank`), so dropout differs
+    from an unbroken run's; the states of ranks the run no longer has are left unused.
+    """
     meta = verify_step(path)
     read_dcp_metadata(path)  # refuse a tampered file here, before DCP logs its own tracebacks
     try:
         dcp.load({"train": state}, storage_reader=SafeReader(path), planner=TensorOnlyPlanner())
     except CheckpointException as e:  # DCP gathers each rank's exception; report the first
         raise CheckpointError(_first_cause(e, path)) from None
-    if meta["world_size"] != dist.world_size or not _rank_file(path, dist.rank).exists():
-        return None
-    return read_rank_state(path, dist.rank, dist.device)
+    saved = meta["world_size"]
+    if saved != dist.world_size and dist.is_main:
+        new = f"rank {saved}" if dist.world_size == saved + 1 else f"ranks {saved}-{dist.world_size - 1}"
+        fresh = f"; {new} start new random states (dropout differs from an unbroken run)" \
+            if dist.world_size > saved else ""
+        print(f"note: {path} was saved by {saved} rank(s), this run has {dist.world_size}: the data "
+              f"reads on where it stopped{fresh}", file=sys.stderr)
+    if dist.rank < saved:
+        return read_rank_state(path, dist.rank, dist.device)
+    return reseed_rank(path, dist.rank)

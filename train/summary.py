@@ -3,7 +3,8 @@ many steps and epochs that makes, precision, checkpointing, ranks) and one at th
 throughput, the final and best validation figures), as the Hugging Face Trainer prints.
 
 `optim.epochs` is turned into steps here too, since both need the same count: the batch
-rows a rank reads per epoch, from the dataset.
+rows of an epoch, from the dataset (all ranks together: the same steps on any number of
+ranks with the same global batch).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .distributed import DistInfo
 class Sized(Protocol):
     """What a training dataset tells about its size."""
 
-    def rows_per_epoch(self) -> int: ...  # batch rows one rank reads in an epoch
+    def rows_per_epoch(self) -> int: ...  # batch rows of an epoch, all ranks together
     def num_tokens(self) -> int: ...  # tokens of one epoch, all ranks together
 
 
@@ -32,7 +33,8 @@ def steps_for_epochs(cfg: TrainConfig, data: Sized, dist: DistInfo) -> TrainConf
     o = cfg.optim
     if o.epochs is None:
         return cfg
-    steps = max(1, math.ceil(o.epochs * data.rows_per_epoch() / (o.micro_batch_size * o.grad_accum)))
+    rows = o.micro_batch_size * o.grad_accum * dist.world_size  # per step
+    steps = max(1, math.ceil(o.epochs * data.rows_per_epoch() / rows))
     return dataclasses.replace(cfg, optim=dataclasses.replace(o, max_steps=steps))
 
 
@@ -50,8 +52,8 @@ def start_block(cfg: TrainConfig, model: nn.Module, data: Sized, dist: DistInfo,
     o, p = cfg.optim, cfg.parallel
     total, trainable = parameter_counts(model)
     rows = o.micro_batch_size * o.grad_accum * dist.world_size
-    epochs = o.max_steps * o.micro_batch_size * o.grad_accum / max(data.rows_per_epoch(), 1)
-    per_epoch = data.rows_per_epoch() * dist.world_size
+    epochs = o.max_steps * rows / max(data.rows_per_epoch(), 1)
+    per_epoch = data.rows_per_epoch()
     ckpt = p.activation_checkpointing + (f" (every {p.selective_every})" if p.activation_checkpointing == "selective" else "")
     lines = [
         f"stage {cfg.stage}: {total:,} parameters, {trainable:,} trainable "
