@@ -79,7 +79,7 @@ def run_ours(a, args, state, tokens, labels) -> dict:
             f"--model.path={Path(tmp) / 'm'}", "--data.path=unused", "--stage=lora",
             "--model.dtype=bfloat16" if a.precision != "fp32" else "--model.dtype=float32",
             f"--parallel.precision={a.precision}", "--parallel.activation_checkpointing=full",
-            "--parallel.loss_chunk_size=4096", "--lora.dropout=0.0"])
+            "--parallel.loss_chunk_size=4096", "--lora.dropout=0.0", *a.ours])
         dist = setup("auto" if a.device == "cuda" else "gloo")
         built = build_for_stage(cfg, dist)
     params = [p for p in built.model.parameters() if p.requires_grad]
@@ -147,6 +147,10 @@ def run_hf(a, args, state, tokens, labels) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="llama-7b", help="a named size (model.llama.MODEL_SIZES)")
+    p.add_argument("--n_layers", type=int, help="fewer layers of the size's width (default: all)")
+    p.add_argument("--sides", default="ours,hf", help="which to run: ours, hf or both (default)")
+    p.add_argument("--ours", action="append", default=[], metavar="--KEY=VALUE",
+                   help="a training-config override for our side (e.g. --ours=--model.quantize=nf4)")
     p.add_argument("--vocab", type=int, default=49953)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
@@ -158,16 +162,17 @@ def main() -> None:
     a = p.parse_args()
     from model.llama import named_args
 
-    args = named_args(a.size, vocab_size=a.vocab, max_seq_len=max(a.seq, 512))
+    extra = {"n_layers": a.n_layers} if a.n_layers else {}
+    args = named_args(a.size, vocab_size=a.vocab, max_seq_len=max(a.seq, 512), **extra)
     if a.worker is None:  # each side in its own process: clean memory statistics
         results = {}
-        for which in ("ours", "hf"):
+        for which in a.sides.split(","):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", which]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{which} failed:\n{out.stderr[-3000:]}")
             results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-        report(a, args, results["ours"], results["hf"])
+        report(a, args, results.get("ours"), results.get("hf"))
         return
     state = random_state(args, seed=0)
     g = torch.Generator().manual_seed(1)
@@ -178,20 +183,24 @@ def main() -> None:
     print(json.dumps(run(a, args, state, tokens, labels)))
 
 
-def report(a, args, ours: dict, hf: dict) -> None:
+def report(a, args, ours: dict | None, hf: dict | None) -> None:
     tokens = a.batch * a.seq
-    fpt = ours["flops_per_token"]
-    print(f"stage 2 step: {a.size} (vocab {a.vocab}), batch {a.batch} x {a.seq}, {a.precision}, "
-          f"LoRA r 8 on 7 projections + embeddings/output, activation checkpointing, {a.device}")
+    fpt = (ours or {}).get("flops_per_token")
+    setting = " ".join(a.ours)
+    print(f"stage 2 step: {a.size}{f' ({args.n_layers} layers)' if a.n_layers else ''} (vocab {a.vocab}), "
+          f"batch {a.batch} x {a.seq}, {a.precision}, LoRA r 8 on 7 projections + embeddings/output, "
+          f"activation checkpointing, {a.device}{'; ours with ' + setting if setting else ''}")
     print(f"{'':22s}{'step (s)':>10s}{'tokens/s':>10s}{'peak GB':>9s}{'MFU':>7s}")
     for name, r in (("zhllama", ours), ("transformers + peft", hf)):
-        mfu = fpt * tokens / r["step_s"] / (a.peak_tflops * 1e12)
-        print(f"{name:22s}{r['step_s']:10.3f}{tokens / r['step_s']:10.0f}"
-              f"{r['peak_bytes'] / 1e9:9.1f}{mfu:7.1%}")
-    print(f"first-step loss: zhllama {ours['first_loss']:.5f}, transformers+peft {hf['first_loss']:.5f} "
-          "(same weights and batch: they must agree)")
-    print(f"ratio zhllama / transformers+peft: time {ours['step_s'] / hf['step_s']:.2f}x"
-          + (f", memory {ours['peak_bytes'] / hf['peak_bytes']:.2f}x" if hf["peak_bytes"] else ""))
+        if r is None:
+            continue
+        mfu = f"{fpt * tokens / r['step_s'] / (a.peak_tflops * 1e12):7.1%}" if fpt else ""
+        print(f"{name:22s}{r['step_s']:10.3f}{tokens / r['step_s']:10.0f}{r['peak_bytes'] / 1e9:9.1f}{mfu}")
+    if ours and hf:
+        print(f"first-step loss: zhllama {ours['first_loss']:.5f}, transformers+peft {hf['first_loss']:.5f} "
+              "(same weights and batch: they must agree)")
+        print(f"ratio zhllama / transformers+peft: time {ours['step_s'] / hf['step_s']:.2f}x"
+              + (f", memory {ours['peak_bytes'] / hf['peak_bytes']:.2f}x" if hf["peak_bytes"] else ""))
 
 
 if __name__ == "__main__":
