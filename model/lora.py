@@ -38,6 +38,7 @@ from tokenizer.templates import TEMPLATES
 # Users' configs come from PEFT, which names modules after Hugging Face's Llama.
 from .formats.hf import MODULE_ALIASES, TARGET_ALIASES
 from .llama import PARAMS_FIELDS
+from .quant import is_nf4
 from .source import BASE_FINGERPRINT_TENSORS, Checkpoint, tensor_fingerprint
 from .tensor_io import FormatError, TensorFile, read_json
 
@@ -193,7 +194,12 @@ def adapter_keys(names: Iterable[str], config: LoRAConfig) -> set[str]:
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear with a low-rank update: y = x Wᵀ + (α/r) · dropout(x) Aᵀ Bᵀ."""
+    """nn.Linear with a low-rank update: y = x Wᵀ + (α/r) · dropout(x) Aᵀ Bᵀ.
+
+    The frozen W may be stored as NF4 (QLoRA, `model.quant`): `F.linear` then dequantizes it
+    per call, through torchao's own linear. Such a layer cannot merge: folding B·A into a
+    4-bit weight would quantize the update away; merge into the unquantized base instead.
+    """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
                  dropout: float = 0.0, device=None, dtype=None) -> None:
@@ -225,7 +231,14 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W ← W + (α/r)·B·A (computed in float32); forward then skips the LoRA branch."""
+        """W ← W + (α/r)·B·A (computed in float32); forward then skips the LoRA branch.
+
+        Raises:
+            ValueError: W is NF4 (see the class docstring).
+        """
+        if is_nf4(self.weight):
+            raise ValueError("cannot merge LoRA into an NF4 weight (it would quantize the update "
+                             "away); merge the adapter into the unquantized base: zhllama merge-lora")
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
