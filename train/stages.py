@@ -8,8 +8,9 @@
 - `full`: every parameter.
 
 `build_for_stage` then makes the model on the meta device, applies LoRA, marks what
-trains, stores frozen weights in `model.dtype`, shards it (FSDP2) and fills it from the
-base checkpoint, one tensor at a time.
+trains, stores frozen weights in `model.dtype` (and, with `model.quantize: nf4`, the
+blocks' frozen projections as NF4: QLoRA, stage lora only), shards it (FSDP2) and fills it
+from the base checkpoint, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from model.formats import read_checkpoint
 from model.llama import build_model
 from model.lora import LoRAConfig, apply_lora, mark_trainable
+from model.quant import QuantizeError, is_nf4, nf4_module, quantize_frozen, to_nf4
 from model.source import Checkpoint
 from model.tensor_io import parse_dtype
 
@@ -91,6 +93,7 @@ class Built:
 def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
     """Meta-device model → LoRA → trainable marks → shard → load weights."""
     origin = read_checkpoint(cfg.model.path, progress=False)
+    check_quantize(cfg)
     if cfg.stage != "lora" and cfg.lora.init_from is not None:
         raise ConfigError(f"lora.init_from: only for stage lora (stage is {cfg.stage!r})")
     stage = STAGES[cfg.stage](cfg, origin)
@@ -103,10 +106,48 @@ def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
     for p in model.parameters():
         if not p.requires_grad:  # frozen weights may be stored narrower; trained ones stay fp32
             p.data = p.data.to(frozen_dtype)
+    if cfg.model.quantize == "nf4":
+        quantize_for_ranks(model, cfg, dist.mesh.size(-1))  # the shard group (HSDP: a node)
     parallelize(model, cfg.parallel, dist.mesh)
     model.to_empty(device=dist.device)
     load_weights(model, stage.base, cfg.seed, stage.init)
     return Built(model, stage.base, stage, origin)
+
+
+def check_quantize(cfg: TrainConfig) -> None:
+    """`model.quantize: nf4` is for stage lora, with torchao installed (read-only, fast).
+
+    Stages embeddings and full write the whole model out, frozen weights included, and full
+    trains the projections themselves: NF4 has no place in either.
+    """
+    if cfg.model.quantize == "none":
+        return
+    if cfg.stage != "lora":
+        raise ConfigError(f"model.quantize: {cfg.model.quantize} (QLoRA) is for stage lora, not "
+                          f"{cfg.stage!r}: that stage exports or trains the weights it would "
+                          "quantize; set model.quantize: none")
+    try:
+        nf4_module()
+    except QuantizeError as e:
+        raise ConfigError(f"model.quantize: {e}; or set model.quantize: none") from None
+
+
+def quantize_for_ranks(model: nn.Module, cfg: TrainConfig, shards: int) -> None:
+    """The frozen projections as NF4 on the meta device (filled by `load_weights`).
+
+    FSDP shards an NF4 weight by whole rows over the `shards` ranks of a shard group and
+    needs every rank's part the same size.
+    """
+    try:
+        names = quantize_frozen(model)
+    except QuantizeError as e:
+        raise ConfigError(f"model.quantize: {e}") from None
+    shapes = dict(model.named_parameters())
+    uneven = [n for n in names if shapes[n].shape[0] % shards]
+    if uneven:
+        raise ConfigError(f"model.quantize: {cfg.model.quantize} shards each weight by rows over "
+                          f"{shards} ranks, but {uneven[0]} has {shapes[uneven[0]].shape[0]} "
+                          "rows; use a number of ranks (per node with parallel.replicate) that divides it")
 
 
 def initial_tensor(name: str, shape: torch.Size, base: Checkpoint, seed: int,
@@ -134,11 +175,36 @@ def initial_tensor(name: str, shape: torch.Size, base: Checkpoint, seed: int,
 def load_weights(model: nn.Module, base: Checkpoint, seed: int,
                  init: dict[str, torch.Tensor] | None = None) -> None:
     """Fill every (possibly sharded) parameter, one full tensor at a time."""
-    for raw_name, p in model.named_parameters():
+    for raw_name, p in list(model.named_parameters()):
         full = initial_tensor(clean_name(raw_name), p.shape, base, seed, init).to(p.device, p.dtype)
+        if is_nf4(p.to_local() if isinstance(p, DTensor) else p):
+            assign_nf4(model, raw_name, p, to_nf4(full, clean_name(raw_name)))
+            continue
         if isinstance(p, DTensor):  # each rank keeps its own slice; no communication needed
             full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
         p.copy_(full)
+
+
+def assign_nf4(model: nn.Module, raw_name: str, p: nn.Parameter, full: torch.Tensor) -> None:
+    """Put a whole weight's NF4 (`full`) in place of parameter `p`, or this rank's rows of it.
+
+    The weight is quantized whole and then split, never each part on its own: a part's
+    block scales and their groups are those of the whole, so the ranks' parts gather back
+    to exactly what one process holds. The parameter is assigned, not copied into (copying
+    into an NF4 tensor quantizes again); FSDP takes the new one up (`load_state_dict`'s
+    assign is how it expects a sharded parameter to be replaced).
+    """
+    value = full
+    if isinstance(p, DTensor):
+        mesh = p.device_mesh
+        for dim, placement in enumerate(p.placements):
+            if isinstance(placement, Shard):  # FSDP shards rows: dim 0, evenly (checked)
+                value = torch.chunk(value, mesh.size(dim), dim=placement.dim)[mesh.get_local_rank(dim)]
+        value = DTensor.from_local(value, mesh, p.placements, run_check=False,
+                                   shape=p.shape, stride=p.stride())
+    owner, _, attr = raw_name.rpartition(".")
+    model.get_submodule(owner).load_state_dict({attr: nn.Parameter(value, requires_grad=False)},
+                                               strict=False, assign=True)
 
 
 def mask_old_rows(model: nn.Module, new_rows_from: int) -> None:
