@@ -30,7 +30,7 @@ from .config import ConfigError, TrainConfig, to_dict
 FIXED = ("stage", "seed", "model.path", "model.new_rows_from", "data.path", "data.sources.path",
          "data.sources.weight", "data.block_size", "data.val_fraction", "data.pack",
          "data.max_seq_length", "lora.r", "lora.alpha", "lora.targets", "lora.modules_to_save",
-         "lora.init_from")
+         "lora.init_from", "optim.name")  # optim.name: the saved moments are in its format
 # Keys that name directories, compared as the directories they name.
 PATHS = ("model.path", "data.path", "data.sources.path", "lora.init_from")
 # Keys that differ between runs without changing what is trained; not worth a word.
