@@ -32,10 +32,13 @@ from .config import ConfigError, TrainConfig, load_config
 from .distributed import DistInfo, setup, teardown
 from .lock import RunLock
 from .metrics import summary_writer_class
+from .optim import adamw8bit_class
+from .parallelize import check_offload
 from .data_checks import check_inputs_agree
 from .resume import (
     ResumePlan, base_fingerprint, check_data_outside_output, check_model_outside_output, plan_resume,
 )
+from .stages import check_quantize
 
 T = TypeVar("T")
 
@@ -86,10 +89,14 @@ class TrainingRun:
         check_inputs_agree(cfg.data)  # a mixture's sources, the validation sets
         if cfg.log.tensorboard:
             summary_writer_class()  # the optional package is there, or one error now
+        if cfg.optim.name == "adamw8bit":
+            adamw8bit_class()  # likewise torchao
+        check_offload(cfg.parallel.activation_checkpointing, cfg.parallel.activation_offload)
+        check_quantize(cfg)  # model.quantize: the stage and the optional package
         self.fingerprint = base_fingerprint(read_checkpoint(cfg.model.path, progress=False))
         self.plan: ResumePlan = plan_resume(cfg, self.fingerprint)  # refuses before any write
         self.cfg: TrainConfig = cfg
-        self.dist = setup(cfg.parallel.backend)
+        self.dist = setup(cfg.parallel.backend, cfg.parallel.replicate)
         RunLock(Path(cfg.output_dir), self.dist).acquire()
 
     def _interrupt(self, signum: int, frame: Any) -> None:

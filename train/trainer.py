@@ -40,7 +40,7 @@ from .config import TrainConfig, dump
 from .distributed import DistInfo, all_reduce_sum
 from .metrics import MetricsLog, flops_per_token, throughput
 from .nonfinite import NonFiniteGuard
-from .optim import LossScaler, build_optimizer, lr_at, set_lr
+from .optim import LossScaler, build_optimizer, set_lr
 from .plot import LossPicture
 from .resume import ResumePlan
 from .session import Interrupted
@@ -179,12 +179,7 @@ def resume(plan: ResumePlan, state: steps.TrainState, data: BatchSource, dist: D
     """Load the planned step (if any) into `state` and `data`."""
     if plan.path is None:
         return None
-    data_state = steps.load(plan.path, state, dist)
-    if data_state is not None:
-        data.load_state_dict(data_state)
-    elif dist.is_main:
-        print(f"warning: {plan.path} was saved by another number of ranks; the data order starts "
-              "again from the beginning", file=sys.stderr)
+    data.load_state_dict(steps.load(plan.path, state, dist))  # global: any number of ranks
     if dist.is_main:
         changed = f"; changed settings: {', '.join(plan.changed)}" if plan.changed else ""
         print(f"resumed from {plan.path} (step {state.progress.step}){changed}")
@@ -233,8 +228,8 @@ def run(
         while state.progress.step < o.max_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(o.grad_accum)]
-            lr = lr_at(state.progress.step, o)  # a function of the step: resumes exactly
-            set_lr(optimizer, lr)
+            # every group's rate (optim.lr's returned) is a function of the step: resumes exactly
+            lr = set_lr(optimizer, state.progress.step, o)
             loss, norm, n_targets = train_step(model, micro, params, step_opts, dist, scaler)
             finite = math.isfinite(loss) and math.isfinite(norm)
             if finite:
