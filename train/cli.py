@@ -55,6 +55,8 @@ COMMANDS = (
             "make instruction data by asking a model (any OpenAI-compatible endpoint)"),
     Command("prepare", "data.prepare",
             "tokenize text, or instruction data (--sft), into token shards"),
+    Command("plan", "train.plan",
+            "will it fit? a config's memory per GPU, and the change that makes it fit"),
     Command("pretrain", "train.pretrain",
             "continued pretraining (stages 1 and 2): CONFIG [--key=value ..] [torchrun options]",
             script="pretrain.py"),
