@@ -42,10 +42,15 @@ demo: $(VENV)/.installed
 # fails instead of skipping, so a green run means every such test ran; set
 # ZHLLAMA_REQUIRE_SHARED_DATA=1 to ask for that locally. -rs lists every skip with its reason.
 ZHLLAMA_REQUIRE_SHARED_DATA ?= $(if $(filter true 1,$(CI)),1,)
+# Most tests wait on processes of one thread each (training runs, torchrun, servers), so two
+# workers (pytest-xdist) with one thread each keep both cores busy and halve the wall time;
+# 0 runs them in order.
+TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed $(VENV)/.llamacpp $(TF4_VENV)/.installed
-	ZHLLAMA_REQUIRE_SHARED_DATA=$(ZHLLAMA_REQUIRE_SHARED_DATA) \
-		ZHLLAMA_TRANSFORMERS_4_PYTHON=$(abspath $(TF4_VENV))/bin/python $(PY) -m pytest -q -rs tests
+	ZHLLAMA_REQUIRE_SHARED_DATA=$(ZHLLAMA_REQUIRE_SHARED_DATA) OMP_NUM_THREADS=1 \
+		ZHLLAMA_TRANSFORMERS_4_PYTHON=$(abspath $(TF4_VENV))/bin/python $(PY) -m pytest -q -rs \
+		-n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -46,7 +46,7 @@ setup(
         "serve": [],
         # real reference implementations the tests compare against, and the optional
         # extras' libraries so that their tests run
-        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "gguf>=0.10",
+        "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=4.45", "peft>=0.13", "gguf>=0.10",
                  "matplotlib>=3.7", "tensorboard>=2.14", "torchao>=0.18", "openai>=1.0", "rouge-score>=0.1.2"],
         # llama.cpp itself, to prove our GGUF files run there (built from source by pip)
         "llamacpp": ["llama-cpp-python>=0.3"],
