@@ -66,7 +66,8 @@ def test_recipe_runs_end_to_end_and_twice_the_same(tmp_path):
         lines = [json.loads(l) for l in (work / run / "metrics.jsonl").read_text().splitlines()]
         losses = [l["loss"] for l in lines if "loss" in l]
         assert losses[-1] < losses[0], run
-        assert any("val/zh/bpc" in l and "val/en/bpc" in l for l in lines), run
+        if run != "sft":  # pretraining validates on the held-out Chinese and English text
+            assert any("val/zh/bpc" in l and "val/en/bpc" in l for l in lines), run
     shares = [l for l in map(json.loads, (work / "stage2" / "metrics.jsonl").read_text().splitlines())
               if "share/en" in l]
     assert shares[-1]["share/en"] == pytest.approx(0.2, abs=0.02)  # English replay
