@@ -66,8 +66,8 @@ def config_file(root: Path, base: Path, name: str, seq: int) -> Path:
     return path
 
 
-def plan_and_measure(cfg: Path, processes: int) -> dict:
-    cmd = [sys.executable, "-m", "train.plan", str(cfg), "--device", "cpu", "--measure", "--json"]
+def plan_and_measure(cfg: Path, processes: int, device: str = "cpu") -> dict:
+    cmd = [sys.executable, "-m", "train.plan", str(cfg), "--device", device, "--measure", "--json"]
     if processes > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "train.plan", *cmd[3:]]
@@ -84,18 +84,23 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the real step runs (cuda: measured by torch.cuda.max_memory_allocated)")
+    p.add_argument("--only", action="append", choices=list(CONFIGS), metavar="CONFIG",
+                   help="plan and measure only these configs (repeatable; default: all)")
     a = p.parse_args()
     mib = 2**20
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = write_model(root, a.dim, a.layers, a.vocab, a.seq)
         print(f"dim {a.dim}, {a.layers} layers, vocab {a.vocab:,}, micro-batch 4 × {a.seq}, fp32 unless "
-              f"said, loss chunks of 512; {datetime.date.today()}, {os.cpu_count()} CPU cores\n")
+              f"said, loss chunks of 512; {datetime.date.today()}, "
+              f"{'a CUDA GPU' if a.device == 'cuda' else f'{os.cpu_count()} CPU cores'}\n")
         print("| config | peak in | planned (MiB) | measured (MiB) | planned ÷ measured | plan + measure (s) |")
         print("| --- | --- | ---: | ---: | ---: | ---: |")
-        for name in CONFIGS:
+        for name in a.only or CONFIGS:
             t0 = time.perf_counter()
-            out = plan_and_measure(config_file(root, base, name, a.seq), CONFIGS[name][3])
+            out = plan_and_measure(config_file(root, base, name, a.seq), CONFIGS[name][3], a.device)
             seconds = time.perf_counter() - t0
             print(f"| {name} | {out['peak_phase']} | {out['total'] / mib:,.1f} | {out['measured'] / mib:,.1f} | "
                   f"{out['total'] / out['measured']:.3f} | {seconds:.0f} |", flush=True)

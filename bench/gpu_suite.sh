@@ -13,8 +13,9 @@
 #                                                             (bench/bench_pack.py)
 #   (d) a ~1B-shaped full-training step, compiled and not: MFU against a bf16 matmul
 #       measured in the same run                              (bench/bench_full.py)
-#   (e) the memory planner's prediction vs the measured peak of (a), (b) and (d)
-#                                                             (bench/bench_plan_gpu.py)
+#   (e) the memory planner's prediction vs the measured peak (torch.cuda.max_memory_allocated)
+#       of stage 2, its QLoRA variant and full training, at LLaMA-7B's width and
+#       vocabulary on 2 layers                                  (bench/bench_plan.py)
 # The 7B shape keeps the width and vocabulary of LLaMA-7B with 8 of its 32 layers, so the
 # whole suite fits the time; per-layer figures and every ratio are those of the full model.
 set -euo pipefail
@@ -34,10 +35,13 @@ if [[ $SMOKE == 1 ]]; then
     STAGE2=(--size tiny --vocab 600 --batch 2 --seq 64 --steps 1 --device cpu --precision fp32)
     PACK=(--smoke)
     FULL=(--smoke)
+    PLAN=(--dim 64 --layers 2 --vocab 512 --seq 64 --only "stage 2, none")
 else
     STAGE2=(--size llama-7b --n_layers 8 --vocab 49954 --batch 4 --seq 512 --steps 5)
     PACK=()
     FULL=()
+    PLAN=(--device cuda --dim 4096 --layers 2 --vocab 49954 --seq 512
+          --only "stage 2 (LoRA + vocabulary), bf16" --only "stage 2 QLoRA, bf16" --only "full, checkpointed")
 fi
 
 echo; echo "## (a) stage 2: zhllama vs transformers + peft"
@@ -48,3 +52,5 @@ echo; echo "## (c) packed SFT attention with document masks"
 "$PY" bench/bench_pack.py "${PACK[@]}"
 echo; echo "## (d) full training, ~1B shape, compiled and not"
 "$PY" bench/bench_full.py "${FULL[@]}"
+echo; echo "## (e) the memory planner's prediction vs the measured peak"
+"$PY" bench/bench_plan.py "${PLAN[@]}"

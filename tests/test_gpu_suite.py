@@ -17,10 +17,11 @@ def test_gpu_suite_smoke_runs_every_comparison():
                        text=True, cwd=REPO, timeout=900,
                        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    for section in ("## (a)", "## (b)", "## (c)", "## (d)"):
+    for section in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e)"):
         assert section in r.stdout, section
     ours, hf = map(float, re.search(r"first-step loss: zhllama ([\d.]+), transformers\+peft ([\d.]+)",
                                     r.stdout).groups())
     assert abs(ours - hf) < 1e-4
     assert "ours with --model.quantize=nf4" in r.stdout
     assert "| flex attention (BlockMask) | fwd |" in r.stdout
+    assert "| stage 2, none |" in r.stdout  # the planner's row, planned and measured
