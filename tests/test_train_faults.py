@@ -335,6 +335,20 @@ def test_orphaned_workers_of_a_killed_launcher_still_hold_the_directory(world, t
             os.killpg(launcher.pid, signal.SIGKILL)
         except ProcessLookupError:  # the workers may have ended by themselves by now
             pass
+        kill_processes_mentioning(out)  # torchrun's workers have process groups of their own
+
+
+def kill_processes_mentioning(path) -> None:
+    """SIGKILL every process whose command line names `path` (orphaned workers would
+    otherwise train on until max_steps, long after the test)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if str(path) in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):  # gone meanwhile, or not ours to read
+            pass
 
 
 def test_ctrl_c_says_what_was_kept(world, tmp_path):
