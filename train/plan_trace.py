@@ -49,16 +49,14 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
     is_traceable_wrapper_subclass_type
 from torch.utils.weak import WeakIdKeyDictionary
 
-from model.llama import ModelArgs, build_model
-from model.lora import apply_lora, mark_trainable
+from model.llama import ModelArgs
 from model.source import Checkpoint, expected_shapes
 from model.tensor_io import TensorSpec, parse_dtype
 
 from .config import TrainConfig
 from .distributed import make_mesh
 from .optim import build_optimizer
-from .parallelize import parallelize
-from .stages import STAGES, Stage, check_quantize, load_weights, quantize_for_ranks
+from .stages import STAGES, Stage, check_quantize, load_weights, sharded_meta_model
 from .trainer import StepOptions, forward_loss
 
 PHASES = ("forward", "backward", "optimizer")
@@ -287,18 +285,7 @@ def build_traced_model(cfg: TrainConfig, stage: Stage, mesh: Any) -> nn.Module:
     weights in model.dtype (NF4 with model.quantize), checkpointing, FSDP2 over `mesh`.
     `to_empty` and `load_weights` under a FakeTensorMode then give it fake storage."""
     check_quantize(cfg)
-    model = build_model(stage.base.args, init=False)
-    if stage.lora is not None:
-        apply_lora(model, stage.lora)
-    if stage.trainable is not None:
-        mark_trainable(model, stage.trainable)
-    frozen_dtype = parse_dtype(cfg.model.dtype)
-    for p in model.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(frozen_dtype)
-    if cfg.model.quantize == "nf4":
-        quantize_for_ranks(model, cfg, mesh.size(-1))  # the shard group (HSDP: a node)
-    return parallelize(model, cfg.parallel, mesh)
+    return sharded_meta_model(cfg, stage, mesh)
 
 
 def as_on_cuda(optimizer: torch.optim.Optimizer) -> None:

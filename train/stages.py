@@ -97,6 +97,16 @@ def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
     if cfg.stage != "lora" and cfg.lora.init_from is not None:
         raise ConfigError(f"lora.init_from: only for stage lora (stage is {cfg.stage!r})")
     stage = STAGES[cfg.stage](cfg, origin)
+    model = sharded_meta_model(cfg, stage, dist.mesh)
+    model.to_empty(device=dist.device)
+    load_weights(model, stage.base, cfg.seed, stage.init)
+    return Built(model, stage.base, stage, origin)
+
+
+def sharded_meta_model(cfg: TrainConfig, stage: Stage, mesh) -> nn.Module:
+    """The stage's model on the meta device: LoRA, trainable marks, frozen weights in
+    model.dtype (NF4 with model.quantize), checkpointing, compile and FSDP2 over `mesh`
+    (what `build_for_stage` loads, and what the memory planner traces)."""
     model = build_model(stage.base.args, init=False)
     if stage.lora is not None:
         apply_lora(model, stage.lora)
@@ -107,11 +117,8 @@ def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
         if not p.requires_grad:  # frozen weights may be stored narrower; trained ones stay fp32
             p.data = p.data.to(frozen_dtype)
     if cfg.model.quantize == "nf4":
-        quantize_for_ranks(model, cfg, dist.mesh.size(-1))  # the shard group (HSDP: a node)
-    parallelize(model, cfg.parallel, dist.mesh)
-    model.to_empty(device=dist.device)
-    load_weights(model, stage.base, cfg.seed, stage.init)
-    return Built(model, stage.base, stage, origin)
+        quantize_for_ranks(model, cfg, mesh.size(-1))  # the shard group (HSDP: a node)
+    return parallelize(model, cfg.parallel, mesh)
 
 
 def check_quantize(cfg: TrainConfig) -> None:
