@@ -256,6 +256,18 @@ def _respond(model, sp, prompt: str, a: argparse.Namespace, cfg: SamplingConfig)
     sys.stdout.write("\n")
 
 
+def adapter_dirs(option: str | None) -> tuple[str, ...]:
+    """The adapter directories of a --lora_model value (comma-separated, in order).
+
+    Raises:
+        ValueError: the option was given, but names no directory.
+    """
+    dirs = tuple(d.strip() for d in (option or "").split(",") if d.strip())
+    if option is not None and not dirs:
+        raise ValueError("--lora_model: no adapter directory given")
+    return dirs
+
+
 def open_model(model: str | Path, lora_models: Sequence[str | Path] = (), *,
                tokenizer: str | Path | None = None, force_base: bool = False) -> Checkpoint:
     """The checkpoint to generate from: `model`, with the adapters applied in order.
@@ -273,9 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     with command_errors():
         cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
-        adapters = [s.strip() for s in (a.lora_model or "").split(",") if s.strip()]
-        if a.lora_model is not None and not adapters:
-            raise ValueError("--lora_model: no adapter directory given")
+        adapters = adapter_dirs(a.lora_model)
         ckpt = open_model(a.model, adapters, tokenizer=a.tokenizer, force_base=a.force_base)
         if ckpt.tokenizer is None:
             raise FormatError(f"{a.model}: no tokenizer.model found; pass --tokenizer")

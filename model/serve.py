@@ -46,7 +46,7 @@ from tokenizer.templates import TEMPLATES, chat_template, render_chat
 
 from . import openai_api as api
 from .batching import Job, QueueFull, Sequence, WaveScheduler, generate_batch
-from .generate import open_model, pick_device
+from .generate import adapter_dirs, open_model, pick_device
 from .source import check_tokenizer_rows, load_model
 from .tensor_io import FormatError, parse_dtype
 
@@ -451,9 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(a: argparse.Namespace) -> ServeOptions:
-    adapters = tuple(s.strip() for s in (a.lora_model or "").split(",") if s.strip())
-    if a.lora_model is not None and not adapters:
-        raise ValueError("--lora_model: no adapter directory given")
+    adapters = adapter_dirs(a.lora_model)
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port: expected 0..65535, got {a.port}")
     if a.served_model_name is not None and not re.fullmatch(r"\S+", a.served_model_name):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from data.prepare import PrepareOptions, prepare
 from data.sft import SFTPreparer
 from data.shards import DataError, read_meta
 from data.text import TextPreparer
-from model.generate import open_model, pick_device
+from model.generate import adapter_dirs, open_model, pick_device
 from model.source import Checkpoint, load_model
 from model.tensor_io import FormatError, parse_dtype
 from tokenizer.cli import ArgumentParser, command_errors, positive_int
@@ -224,9 +223,7 @@ def run(model_path: str, adapters: Sequence[str], inputs: Sequence[str], opts: E
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     with command_errors():
-        adapters = [s.strip() for s in (a.lora_model or "").split(",") if s.strip()]
-        if a.lora_model is not None and not adapters:
-            raise ValueError("--lora_model: no adapter directory given")
+        adapters = adapter_dirs(a.lora_model)
         opts = EvalOptions(template=a.template, block_size=a.block_size, batch_size=a.batch_size,
                            text_key=a.text_key, max_seq_length=a.max_seq_length)
         for row in run(a.model, adapters, a.input, opts, tokenizer=a.tokenizer,
