@@ -50,14 +50,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe_y[:, None])[:, 0]
             loss += ((lse - picked) * valid).sum()
             if need_dh or need_dw:
-                # d loss / d logits = softmax − one-hot, zero on ignored rows
-                grad = torch.exp(logits - lse[:, None])
+                # d loss / d logits = softmax − one-hot, zero on ignored rows, computed in
+                # the logits' own buffer: the chunk holds one (chunk, vocab) float32 tensor
+                grad = logits.sub_(lse[:, None]).exp_()
                 grad[torch.arange(len(y), device=y.device), safe_y] -= 1.0
                 grad *= valid[:, None]
                 if need_dh:
                     d_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_dw:
-                    d_weight += grad.t() @ h.float()
+                    # accumulated in place: `d_weight += grad.t() @ h` would first make a
+                    # second (vocab, dim) float32 tensor, 0.8 GB at LLaMA-7B's width
+                    d_weight.addmm_(grad.t(), h.float())
+                del grad
+            # freed before the next chunk's logits exist, not when the name is rebound
+            del logits
         if d_weight is not None:
             d_weight = d_weight.to(weight.dtype)  # accumulated in fp32, kept in the weight's dtype
         ctx.save_for_backward(d_hidden, d_weight)
@@ -81,7 +87,8 @@ def linear_cross_entropy(
         hidden: (n, dim) final hidden states.
         weight: (vocab, dim) output projection.
         labels: (n,) target ids, -100 where no loss is taken.
-        chunk_size: tokens per chunk; peak extra memory is about chunk_size × vocab × 8 bytes.
+        chunk_size: tokens per chunk; the extra memory is one chunk of float32 logits
+            (chunk_size × vocab × 4 bytes), plus its copy in the weight's dtype if narrower.
 
     Returns:
         The summed loss, a float32 scalar.
