@@ -25,3 +25,4 @@ def test_gpu_suite_smoke_runs_every_comparison():
     assert "ours with --model.quantize=nf4" in r.stdout
     assert "| flex attention (BlockMask) | fwd |" in r.stdout
     assert "| stage 2, none |" in r.stdout  # the planner's row, planned and measured
+    assert "# all 5 sections ran" in r.stdout
