@@ -114,3 +114,20 @@ def test_7b_configs_carry_the_published_recipe(name):
         assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 32, 0.05)
         assert set(cfg.lora.targets) == {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
         assert set(cfg.lora.modules_to_save) == {"tok_embeddings", "output"}
+
+
+def test_the_start_summary_names_every_memory_lever():
+    """The opening block says which levers a run uses, read back from the config."""
+    import torch
+
+    from train.distributed import DistInfo
+    from train.summary import memory_line
+
+    cfg = load_config(None, ["--model.path=m", "--data.path=d", "--model.quantize=nf4",
+                             "--parallel.activation_checkpointing=selective", "--parallel.selective_every=3",
+                             "--parallel.activation_offload=true", "--parallel.compile=true",
+                             "--parallel.loss_chunk_size=0", "--parallel.replicate=2"])
+    dist = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"), mesh=None)
+    assert memory_line(cfg, dist) == (
+        "precision bf16, frozen base weights nf4, activation checkpointing selective (every 3), "
+        "offloaded to the CPU, whole-batch loss, compiled blocks, world size 4 (2 replicas x 2 shards)")

@@ -214,6 +214,11 @@ def test_metrics_and_evaluation(world, tmp_path):
     assert f"stage lora: {total_params:,} parameters, {trainable:,} trainable" in done.stdout
     assert "data: " in done.stdout and f"batch: 4 rows x 1 accumulation x 1 rank(s) = 4 rows per step" in done.stdout
     assert f"steps: 4 = {4 * 4 / 108:.2f} epochs" in done.stdout  # 108 training samples
+    # the optimizer as built (foreach on the CPU) and the config's rates and levers
+    assert ("optimizer: AdamW (foreach), lr 0.01, cosine with 2 warmup steps, weight decay 0, "
+            "clip 1\n") in done.stdout
+    assert ("precision fp32, activation checkpointing none, loss chunks of 64 tokens, world size 1\n"
+            in done.stdout)
     assert "trained 4 steps in" in done.stdout
     assert f"best: val_loss {min(e['val_loss'] for e in evals):.4f}" in done.stdout
 

@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from .config import TrainConfig
 from .distributed import DistInfo
+from .optim import warmup_steps
 
 
 class Sized(Protocol):
@@ -47,14 +49,43 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def start_block(cfg: TrainConfig, model: nn.Module, data: Sized, dist: DistInfo, resumed_step: int) -> str:
+def optimizer_line(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> str:
+    """How the optimizer steps, named from the optimizer built (fused or foreach is chosen
+    there, by device), and the schedule of its rates."""
+    o = cfg.optim
+    kind = type(optimizer).__name__
+    how = [k for k in ("fused", "foreach") if optimizer.defaults.get(k)]
+    rates = f"lr {o.lr:g}" + (f" (tok_embeddings/output {o.embedding_lr:g})" if o.embedding_lr is not None else "")
+    clip = f"clip {o.clip_grad_norm:g}" if o.clip_grad_norm else "no clipping"
+    return (f"optimizer: {kind}{' (' + how[0] + ')' if how else ''}, {rates}, {o.schedule} with "
+            f"{warmup_steps(o):,} warmup steps, weight decay {o.weight_decay:g}, {clip}")
+
+
+def memory_line(cfg: TrainConfig, dist: DistInfo) -> str:
+    """Precision and every memory lever the run uses."""
+    p = cfg.parallel
+    ckpt = p.activation_checkpointing + (f" (every {p.selective_every})" if p.activation_checkpointing == "selective" else "")
+    parts = [f"precision {p.precision}"]
+    if cfg.model.quantize != "none":
+        parts.append(f"frozen base weights {cfg.model.quantize}")
+    parts.append(f"activation checkpointing {ckpt}" + (", offloaded to the CPU" if p.activation_offload else ""))
+    parts.append(f"loss chunks of {p.loss_chunk_size:,} tokens" if p.loss_chunk_size else "whole-batch loss")
+    if p.compile:
+        parts.append("compiled blocks")
+    world = f"world size {dist.world_size}"
+    if p.replicate > 1:
+        world += f" ({p.replicate} replicas x {dist.world_size // p.replicate} shards)"
+    return ", ".join(parts + [world])
+
+
+def start_block(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, data: Sized,
+                dist: DistInfo, resumed_step: int) -> str:
     """The run's opening summary."""
-    o, p = cfg.optim, cfg.parallel
+    o = cfg.optim
     total, trainable = parameter_counts(model)
     rows = o.micro_batch_size * o.grad_accum * dist.world_size
     epochs = o.max_steps * rows / max(data.rows_per_epoch(), 1)
     per_epoch = data.rows_per_epoch()
-    ckpt = p.activation_checkpointing + (f" (every {p.selective_every})" if p.activation_checkpointing == "selective" else "")
     lines = [
         f"stage {cfg.stage}: {total:,} parameters, {trainable:,} trainable "
         f"({100 * trainable / max(total, 1):.2f}%)",
@@ -63,7 +94,8 @@ def start_block(cfg: TrainConfig, model: nn.Module, data: Sized, dist: DistInfo,
         f"rank(s) = {rows:,} rows per step",
         f"steps: {o.max_steps:,}" + (f" (optim.epochs {o.epochs:g})" if o.epochs is not None else "")
         + f" = {epochs:.2f} epochs" + (f"; resuming at step {resumed_step:,}" if resumed_step else ""),
-        f"precision {p.precision}, activation checkpointing {ckpt}, world size {dist.world_size}",
+        optimizer_line(cfg, optimizer),
+        memory_line(cfg, dist),
     ]
     return "\n".join("  " + l if i else l for i, l in enumerate(lines))
 

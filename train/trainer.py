@@ -219,7 +219,7 @@ def run(
     lengths = text_lengths(built.base.tokenizer) if val_sets and built.base.tokenizer else None
     batches = data.batches(o.micro_batch_size)
     if dist.is_main:
-        print(start_block(cfg, model, data, dist, state.progress.step), flush=True)
+        print(start_block(cfg, model, optimizer, data, dist, state.progress.step), flush=True)
     started = time.perf_counter()
     bar = tqdm(total=o.max_steps, initial=state.progress.step, disable=not dist.is_main,
                desc=f"train ({cfg.stage})", unit="step")
