@@ -208,15 +208,32 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m model.generate", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL, --lora_model, --force_base, --tokenizer, --device and --dtype: which model a
+    command opens and where it runs, the same for generate, evaluate and serve (read with
+    `adapter_dirs`, `open_model`, `pick_device` and `model_dtype`)."""
     p.add_argument("model", help="model directory, or any checkpoint model.convert reads")
     p.add_argument("--lora_model", help="adapter directories (ours or PEFT's), comma-separated, "
                    "applied in this order in memory, as model.merge_lora would merge them")
     p.add_argument("--force_base", action="store_true",
                    help="apply adapters even if one recorded another base (other parameters, "
                         "tokenizer or weights); sizes must still fit")
+    p.add_argument("--tokenizer", help="sentencepiece model, if not beside the checkpoint "
+                   "(overrides the base's and the adapters')")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="default: bfloat16 on GPU, float32 on CPU")
+
+
+def model_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype's value; by default bfloat16 on a GPU and float32 elsewhere."""
+    return parse_dtype(name) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m model.generate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
     p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
     p.add_argument("--max_new_tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy decoding")
@@ -228,11 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=tuple(TEMPLATES),
                    help="treat each prompt as an instruction in this SFT template; print the response only")
     p.add_argument("--system_prompt", help="the system prompt of templates that have one (default: theirs)")
-    p.add_argument("--tokenizer", help="sentencepiece model, if not beside the checkpoint "
-                   "(overrides the base's and the adapters')")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="default: bfloat16 on GPU, float32 on CPU")
     return p
 
 
@@ -274,11 +286,18 @@ def open_model(model: str | Path, lora_models: Sequence[str | Path] = (), *,
 
     The adapters are folded in lazily, tensor by tensor as the model is loaded (the same
     merge `model.merge_lora` writes out), so the merged weights exist only in memory.
+
+    Raises:
+        FormatError: no tokenizer was found beside the checkpoint nor given.
     """
     if not lora_models:
-        return read_checkpoint(model, tokenizer=tokenizer, progress=False)
-    return merge(model, list(lora_models), tokenizer=tokenizer, force_base=force_base,
-                 progress=False)
+        ckpt = read_checkpoint(model, tokenizer=tokenizer, progress=False)
+    else:
+        ckpt = merge(model, list(lora_models), tokenizer=tokenizer, force_base=force_base,
+                     progress=False)
+    if ckpt.tokenizer is None:
+        raise FormatError(f"{model}: no tokenizer.model found; pass --tokenizer")
+    return ckpt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,14 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
         adapters = adapter_dirs(a.lora_model)
         ckpt = open_model(a.model, adapters, tokenizer=a.tokenizer, force_base=a.force_base)
-        if ckpt.tokenizer is None:
-            raise FormatError(f"{a.model}: no tokenizer.model found; pass --tokenizer")
         if note := check_tokenizer_rows(ckpt):
             print(note, file=sys.stderr)
         sp = load_sp(ckpt.tokenizer)
         device = pick_device(a.device)
-        dtype = parse_dtype(a.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = load_model(ckpt, device=device, dtype=dtype).eval()
+        model = load_model(ckpt, device=device, dtype=model_dtype(a.dtype, device)).eval()
         if not a.interactive:
             _respond(model, sp, a.prompt, a, cfg)
             return

@@ -46,9 +46,9 @@ from tokenizer.templates import TEMPLATES, chat_template, render_chat
 
 from . import openai_api as api
 from .batching import Job, QueueFull, Sequence, WaveScheduler, generate_batch
-from .generate import adapter_dirs, open_model, pick_device
+from .generate import add_model_arguments, adapter_dirs, model_dtype, open_model, pick_device
 from .source import check_tokenizer_rows, load_model
-from .tensor_io import FormatError, parse_dtype
+from .tensor_io import FormatError
 
 # Slow or idle connections are closed after this long without a byte from the client.
 CLIENT_TIMEOUT_S = 120
@@ -370,15 +370,12 @@ def build_app(opts: ServeOptions) -> tuple[App, str]:
                                "not set or empty")
     ckpt = open_model(opts.model, opts.lora_models, tokenizer=opts.tokenizer,
                       force_base=opts.force_base)
-    if ckpt.tokenizer is None:
-        raise FormatError(f"{opts.model}: no tokenizer.model found; pass --tokenizer")
     if note := check_tokenizer_rows(ckpt):
         print(note, file=sys.stderr)
     template, described = chat_source(opts, ckpt.template)
     sp = load_sp(ckpt.tokenizer)
     device = pick_device(opts.device)
-    dtype = parse_dtype(opts.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_model(ckpt, device=device, dtype=dtype).eval()
+    model = load_model(ckpt, device=device, dtype=model_dtype(opts.dtype, device)).eval()
     name = opts.served_model_name or Path(opts.model).resolve().name
     served = api.Served(name, sp, model.args.max_seq_len, opts.max_tokens, opts.max_batch_size,
                         template, render_chat)
@@ -419,15 +416,10 @@ def serve(opts: ServeOptions) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m model.serve", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model directory, or any checkpoint model.convert reads")
-    p.add_argument("--lora_model", help="adapter directories (ours or PEFT's), comma-separated, "
-                   "applied in this order in memory, as model.generate applies them")
-    p.add_argument("--force_base", action="store_true",
-                   help="apply adapters even if one recorded another base")
+    add_model_arguments(p)
     p.add_argument("--template", choices=tuple(TEMPLATES),
                    help="the prompt template chat messages go into (default: the one recorded "
                         "with the model, else a Hugging Face directory's chat_template)")
-    p.add_argument("--tokenizer", help="sentencepiece model, if not beside the checkpoint")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface; mind --api_key_env)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the start line says which)")
@@ -443,9 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies are answered 413")
     p.add_argument("--served_model_name", help="the model's name in the API (default: MODEL's "
                    "directory name)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     return p
 

@@ -27,6 +27,7 @@ import torch
 from model.batching import Sequence, generate_batch
 from model.generate import SamplingConfig, generate_ids
 from model.generate import main as generate_main
+from tests.test_generate_lora import base_and_adapters  # noqa: F401 (a fixture)
 
 openai = pytest.importorskip("openai")
 
@@ -332,3 +333,22 @@ def test_the_generator_against_the_server(server, tmp_path):
     for p in tmp_path.rglob("*"):
         assert KEY.encode() not in p.read_bytes()
     assert KEY not in r.stdout + r.stderr
+
+
+def test_served_adapters_answer_as_generate_with_them(base_and_adapters, capsys, tmp_path):
+    """`--lora_model A,B` on the server: the two adapters are applied in memory as
+    model.generate applies them (itself tested equal to the merged model), nothing is
+    written beside them, and the answer differs from the bare base's."""
+    from tests.test_generate_lora import PROMPT, run_generate, tree_hash
+
+    _, base, a, b = base_and_adapters
+    before = tree_hash(a.parent)
+    expected = run_generate(capsys, base, "--lora_model", f"{a},{b}")[:-1]  # its line, echoed
+    bare = run_generate(capsys, base)[:-1]
+    s = Server(base, tmp_path / "server.log", "--lora_model", f"{a},{b}")
+    try:
+        r = s.client(None).completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0)
+    finally:
+        s.stop()
+    assert PROMPT + r.choices[0].text == expected != bare
+    assert tree_hash(a.parent) == before

@@ -34,9 +34,8 @@ from data.prepare import PrepareOptions, prepare
 from data.sft import SFTPreparer
 from data.shards import DataError, read_meta
 from data.text import TextPreparer
-from model.generate import adapter_dirs, open_model, pick_device
+from model.generate import add_model_arguments, adapter_dirs, model_dtype, open_model, pick_device
 from model.source import Checkpoint, load_model
-from model.tensor_io import FormatError, parse_dtype
 from tokenizer.cli import ArgumentParser, command_errors, positive_int
 from tokenizer.labels import IGNORE_INDEX
 from tokenizer.lengths import TextLengths, text_lengths
@@ -178,11 +177,7 @@ def format_row(r: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m train.evaluate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model directory, or any checkpoint model.convert reads")
-    p.add_argument("--lora_model", help="adapter directories, comma-separated, applied in this "
-                   "order in memory (as model.merge_lora would merge them)")
-    p.add_argument("--force_base", action="store_true",
-                   help="apply adapters even if one recorded another base")
+    add_model_arguments(p)
     p.add_argument("--input", nargs="+", required=True,
                    help="text files (.txt, .jsonl), instruction files with --template (.json, "
                         ".jsonl), or token directories made by data.prepare; each evaluated alone")
@@ -194,10 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_length", type=positive_int, default=512,
                    help="instruction data: the longest sample, shortened as data.prepare does (default 512)")
     p.add_argument("--text_key", default="text", help="the text field of .jsonl lines (default text)")
-    p.add_argument("--tokenizer", help="sentencepiece model, if not beside the checkpoint")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--json", action="store_true", help="one JSON line per input instead of text")
     return p
 
@@ -207,16 +198,13 @@ def run(model_path: str, adapters: Sequence[str], inputs: Sequence[str], opts: E
         dtype: str | None = None) -> list[dict]:
     """Open the model (adapters applied in memory) and evaluate each input."""
     base = open_model(model_path, adapters, tokenizer=tokenizer, force_base=force_base)
-    if base.tokenizer is None:
-        raise FormatError(f"{model_path}: no tokenizer.model found; pass --tokenizer")
     if opts.block_size < 2:
         raise ValueError(f"--block_size {opts.block_size}: a window needs at least 2 tokens")
     if opts.block_size > base.args.max_seq_len:
         raise ValueError(f"--block_size {opts.block_size} is above the model's max_seq_len "
                          f"{base.args.max_seq_len}")
     dev = pick_device(device)
-    model = load_model(base, device=dev,
-                       dtype=parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+    model = load_model(base, device=dev, dtype=model_dtype(dtype, dev))
     return [evaluate_input(model, base, Path(i), opts, DistInfo.alone(dev)) for i in inputs]
 
 
