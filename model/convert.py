@@ -2,7 +2,7 @@
 
     python -m model.convert SRC DST --to zhllama|hf|meta|gguf [--tokenizer PATH] [--dtype D]
         [--shards N] [--pad_vocab_to_multiple_of M] [--max_shard_size 5GB] [--overwrite]
-        [--template NAME]   # --to hf: the SFT template, as the tokenizer's chat_template
+        [--template NAME]   # --to hf or gguf: the SFT template, as the chat_template
                             # (default: the one the model directory records)
     python -m model.convert SRC OUT.gguf --to gguf [--dtype f32|f16|q8_0]   # for llama.cpp
 
@@ -67,8 +67,9 @@ def convert(
 ) -> Checkpoint:
     """Read SRC (any format), write DST in format `to`; returns the checkpoint written.
 
-    `template`: for `hf`, the SFT template whose chat_template the tokenizer files carry
-    (None: the one SRC records, if any).
+    `template`: for `hf` and `gguf`, the SFT template written as the chat template (the
+    tokenizer files' `chat_template`, GGUF's `tokenizer.chat_template`); None: the one SRC
+    records, if any.
     """
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; choose from {', '.join(TARGETS)}")

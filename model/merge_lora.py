@@ -12,8 +12,8 @@ becomes W + (α/r)·B·A, computed in float32, as the output is written — tens
 so a 7B merge needs little more memory than the adapters themselves. The tokenizer goes
 with the result; an adapter directory's tokenizer.model wins over the base's, and
 --tokenizer over both. The SFT template goes with it too: the last one an adapter records
-(else the base's) goes into the manifest, or the Hugging Face chat_template, unless
---template says otherwise. An adapter of ours records the base it was trained on
+(else the base's) goes into the manifest, or the Hugging Face or GGUF chat template,
+unless --template says otherwise. An adapter of ours records the base it was trained on
 (parameters, tokenizer hash, a hash of a few tensors) and is refused over another base
 unless --force_base. On any error nothing is left at --output_dir.
 """
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_shard_size", type=size_option, default="5GiB",
                    help="largest safetensors file (default 5GiB)")
     p.add_argument("--template", choices=tuple(TEMPLATES),
-                   help="huggingface output: the SFT template the adapters were tuned with, "
-                        "written as the tokenizer's chat_template (default: the last one an "
+                   help="huggingface and gguf output: the SFT template the adapters were "
+                        "tuned with, written as the chat template (default: the last one an "
                         "adapter, or the base, records)")
     p.add_argument("--force_base", action="store_true",
                    help="merge even if an adapter recorded another base (other parameters, "

@@ -230,7 +230,7 @@ def test_another_transformers_reads_our_files_alike(export, tmp_path):
 
 
 def test_export_commands_take_the_template(shared_data, tmp_path, capsys):
-    """`model.convert --to hf --template` and `model.merge_lora --output_type huggingface
+    """`model.convert --to hf --template` and `model.merge_lora --output_type huggingface|gguf
     --template` write the chat template; other outputs refuse it."""
     from model.convert import main as convert_main
     from model.formats import write_model_dir
@@ -251,7 +251,8 @@ def test_export_commands_take_the_template(shared_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_main([str(tmp_path / "canon"), str(tmp_path / "meta"), "--to", "meta",
                       "--template", "cla_v1", "--no_progress"])
-    assert "--template: a chat template goes into Hugging Face output only" in capsys.readouterr().err
+    assert "--template: a chat template goes into Hugging Face or GGUF output only, not meta" in (
+        capsys.readouterr().err)
     assert not (tmp_path / "meta").exists()
     # an adapter of ours over the same base, merged and shipped with its template
     from model.lora import LoRAConfig, adapter_state_dict, apply_lora, save_adapter
@@ -265,6 +266,13 @@ def test_export_commands_take_the_template(shared_data, tmp_path, capsys):
                 "--template", "alpaca", "--no_progress"])
     config = read(tmp_path / "merged" / "tokenizer_config.json")
     assert config["chat_template"] == chat_template("alpaca")
+    # the same merge shipped to llama.cpp carries the same text (read with llama.cpp's reader)
+    gguf = pytest.importorskip("gguf")
+    merge_main(["--base_model", str(tmp_path / "canon"), "--lora_model", str(tmp_path / "adapter"),
+                "--output_type", "gguf", "--output_dir", str(tmp_path / "gguf"),
+                "--template", "alpaca", "--no_progress"])
+    reader = gguf.GGUFReader(tmp_path / "gguf" / "model-f16.gguf")
+    assert reader.fields["tokenizer.chat_template"].contents() == chat_template("alpaca")
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert hf.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,

@@ -67,7 +67,7 @@ FORMATS = (
            chat_template=True),
     Format("zhllama", "zhllama", "params.json + model.safetensors (zhllama)",
            detect=zhllama.detect, read=zhllama.read, write=zhllama.write),
-    Format("gguf", "GGUF", write=gguf.write, file_name=gguf.file_name),
+    Format("gguf", "GGUF", write=gguf.write, file_name=gguf.file_name, chat_template=True),
     Format("llama2c", "llama2.c", "a llama2.c .bin file", detect=llama2c.detect,
            read=llama2c.read),
 )

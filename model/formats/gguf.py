@@ -10,6 +10,12 @@ and k go in unpermuted (llama.cpp's own converter un-permutes Hugging Face's). N
 float32; with q8_0, a matrix whose rows are not a multiple of the 32-value block falls
 back to f16. The file is written tensor by tensor into a temporary path, then renamed.
 
+The SFT template (`--template`, else the one the checkpoint records) goes in as
+`tokenizer.chat_template`, the same Jinja text a Hugging Face export carries
+(`tokenizer.templates.chat_template`): without it llama.cpp's chat front ends fall back to
+a format of their own choosing (llama-cpp-python's is Llama-2's), which a model tuned on
+Alpaca's prompt was never shown.
+
 Token types are sentencepiece's own, so an added `<pad>` (a CONTROL piece, see
 `tokenizer.merge.add_pad_piece`) is written as CONTROL, and `tokenizer.ggml.padding_token_id`
 names it. That is deliberate, not USER_DEFINED: llama.cpp matches user-defined pieces in
@@ -28,6 +34,7 @@ from tqdm.auto import tqdm
 
 from tokenizer.files import Inputs, atomic_output_file
 from tokenizer.spm_io import read_proto
+from tokenizer.templates import chat_template
 
 from ..source import Checkpoint, pad_vocab
 from ..tensor_io import FormatError
@@ -109,7 +116,7 @@ def _vocab(tokenizer: Path, n_rows: int, gguf) -> tuple[list[bytes], list[float]
     return tokens, scores, types, specials
 
 
-def _metadata(w, ckpt: Checkpoint, ftype: str, gguf) -> None:
+def _metadata(w, ckpt: Checkpoint, ftype: str, gguf, template: str | None) -> None:
     a = ckpt.args
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -140,20 +147,25 @@ def _metadata(w, ckpt: Checkpoint, ftype: str, gguf) -> None:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(specials["add_space_prefix"])
+    if template is not None:
+        w.add_chat_template(chat_template(template))
 
 
 def write_gguf(ckpt: Checkpoint, dst: str | Path, ftype: str = "f16", *, overwrite: bool = False,
-               progress: bool = True, inputs: Inputs = ()) -> Path:
+               progress: bool = True, inputs: Inputs = (), template: str | None = None) -> Path:
     """Write `ckpt` as one GGUF file. Tensor data is streamed: one tensor in memory at a time.
 
     `dst` may not overlap the checkpoint's own path and tokenizer, nor `inputs`.
+    `template`: the SFT template written as the chat template; None: the checkpoint's own
+    (`ckpt.template`), if it records one.
     """
+    template = template if template is not None else ckpt.template
     if ftype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {ftype!r}; choose from {', '.join(GGUF_TYPES)}")
     gguf = _gguf()
     with atomic_output_file(dst, overwrite, inputs=(ckpt.path, ckpt.tokenizer, *inputs)) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
-        _metadata(w, ckpt, ftype, gguf)
+        _metadata(w, ckpt, ftype, gguf, template)
         types = {n: _ggml_type(spec.shape, ftype, gguf) for n, spec in ckpt.specs.items()}
         for name, spec in ckpt.specs.items():  # the header lists every tensor before any data
             qtype = types[name]
@@ -180,7 +192,7 @@ def write(ckpt: Checkpoint, dst: Path, opts: WriteOptions) -> Checkpoint:
         raise ValueError(f"--dtype {opts.dtype} is not a GGUF type; use f32, f16 or q8_0")
     ckpt = pad_vocab(ckpt, opts.pad_vocab_to_multiple_of)
     write_gguf(ckpt, dst, GGUF_DTYPES[opts.dtype or "f16"], overwrite=opts.overwrite,
-               progress=opts.progress, inputs=opts.inputs)
+               progress=opts.progress, inputs=opts.inputs, template=opts.template)
     return ckpt
 
 
