@@ -251,3 +251,24 @@ def test_bad_input(real, tmp_path):
             "--output_dir", tmp_path / "exists")
     assert r.returncode != 0 and "already exists" in r.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_train_shows_sentencepiece_log_only_when_asked(real, tmp_path):
+    """sentencepiece's C++ trainer logs to the process's stderr: a failure prints our one
+    `error:` line and nothing else, a success no log lines (stderr is not a terminal here,
+    so no status line either), and --verbose shows the trainer's own log."""
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("\n".join((real.corpus / "lunyu.txt").read_text(encoding="utf-8").splitlines()[:300]),
+                      encoding="utf-8")
+    common = ("--input", corpus, "--num_threads", "1", "--model_type", "bpe")
+    failed = run("tokenizer.train", *common, "--model_prefix", tmp_path / "a", "--vocab_size", "100000")
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == [l for l in failed.stderr.splitlines() if l.startswith("error:")]
+    assert len(failed.stderr.splitlines()) == 1 and "--vocab_size 100000 is too large" in failed.stderr
+    quiet = run("tokenizer.train", *common, "--model_prefix", tmp_path / "b", "--vocab_size", "1500")
+    assert quiet.returncode == 0 and quiet.stderr == "" and "wrote" in quiet.stdout
+    verbose = run("tokenizer.train", *common, "--model_prefix", tmp_path / "c", "--vocab_size", "1500",
+                  "--verbose")
+    assert verbose.returncode == 0 and "trainer_interface.cc" in verbose.stderr
+    b, c = (spm.SentencePieceProcessor(model_file=str(tmp_path / f"{n}.model")) for n in "bc")
+    assert [b.id_to_piece(i) for i in range(b.vocab_size())] == [c.id_to_piece(i) for i in range(c.vocab_size())]

@@ -18,19 +18,27 @@ Defaults chosen for a model that is merged into LLaMA's tokenizer afterwards:
   * large corpora are sampled: --input_sentence_size lines drawn at random (shuffled).
 `--model_type bpe` gives pieces that LLaMA's BPE encoder can always produce (every piece
 is the merge of two others); unigram pieces may not be (see tokenizer.merge).
-Writes P.model and P.vocab, atomically.
+Writes P.model and P.vocab, atomically. sentencepiece's own log (its C++ trainer writes
+to the process's stderr) is shown with --verbose; otherwise one status line says which
+stage the trainer is at, and a failure prints only our `error:` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import re
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import sentencepiece as spm
+from tqdm.auto import tqdm
 
 from .cli import ArgumentParser, command_errors, non_negative_int, positive_int, probability
 from .files import atomic_output_files
@@ -53,6 +61,7 @@ class TrainTokenizerOptions:
     max_sentence_length: int = 16384  # longest line used, in bytes
     num_threads: int = field(default_factory=default_threads)
     overwrite: bool = False
+    verbose: bool = False  # show sentencepiece's own log instead of a status line
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> TrainTokenizerOptions:
@@ -60,7 +69,7 @@ class TrainTokenizerOptions:
                    model_type=a.model_type, character_coverage=a.character_coverage,
                    input_sentence_size=a.input_sentence_size,
                    max_sentence_length=a.max_sentence_length, num_threads=a.num_threads,
-                   overwrite=a.overwrite)
+                   overwrite=a.overwrite, verbose=a.verbose)
 
 
 def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
@@ -103,11 +112,69 @@ def train(a: TrainTokenizerOptions) -> Path:
     # the trainer writes into a temporary directory beside the outputs, named with our pid
     # so that the next run removes it if this one is killed
     with atomic_output_files(outputs, a.overwrite, inputs=inputs) as tmp:
-        try:
-            spm.SentencePieceTrainer.train(**trainer_options(a, str(tmp / prefix.name), inputs))
-        except RuntimeError as e:
-            raise ValueError(explain_trainer_error(e, a, inputs)) from None
+        with trainer_log(a.verbose):
+            try:
+                spm.SentencePieceTrainer.train(**trainer_options(a, str(tmp / prefix.name), inputs))
+            except RuntimeError as e:
+                raise ValueError(explain_trainer_error(e, a, inputs)) from None
     return outputs[0]
+
+
+@contextlib.contextmanager
+def native_stderr(on_line: Callable[[str], None]) -> Iterator[TextIO]:
+    """Send what is written to file descriptor 2 (C++ code's stderr, and Python's) to
+    `on_line`, a line at a time, until the block ends; yields a stream on the real stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)  # fd 2 is now the pipe's only writer: restoring it ends the pump
+
+    def pump() -> None:
+        with os.fdopen(read_end, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                on_line(line.rstrip("\n"))
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    real = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        yield real
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        thread.join()
+        real.close()
+
+
+_LOG_LINE = re.compile(r"[IWEF]\d{4} \S+ +\d+ \S+:\d+\] (.*)")
+
+
+@contextlib.contextmanager
+def trainer_log(verbose: bool) -> Iterator[None]:
+    """While sentencepiece trains: its log as it is (verbose), or a status line showing the
+    stage its latest log line names. Nothing of it is left on the screen when it fails."""
+    if verbose:
+        yield
+        return
+    status: list[tqdm] = []
+
+    def on_line(line: str) -> None:
+        # the trainer's log lines, without absl's prefix ("I0000 00:00:… 123 file.cc:409] ");
+        # the lines of the settings it prints first are not news
+        if status and (m := _LOG_LINE.match(line)):
+            status[0].set_postfix_str(m.group(1)[:60], refresh=True)
+
+    with native_stderr(on_line) as real:
+        # a status line belongs on a terminal; in a log file its redraws would be noise
+        bar = tqdm(desc="training sentencepiece", file=real, bar_format="{desc}: {elapsed} {postfix}",
+                   leave=False, disable=not real.isatty())
+        status.append(bar)
+        try:
+            yield
+        finally:
+            bar.close()
 
 
 def explain_trainer_error(e: RuntimeError, a: TrainTokenizerOptions, inputs: list[Path]) -> str:
@@ -146,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_sentence_length", type=positive_int, default=16384, help="longest line used, in bytes")
     p.add_argument("--num_threads", type=positive_int, default=default_threads())
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
     return p
 
 
