@@ -46,13 +46,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.t()).float()  # (chunk, vocab): the only large tensor
             valid = y != IGNORE_INDEX
             safe_y = torch.where(valid, y, 0)
-            lse = torch.logsumexp(logits, dim=-1)
+            # log-sum-exp written out, in the logits' own buffer (torch.logsumexp would make
+            # a hidden (chunk, vocab) temporary): with m the row's largest logit,
+            # loss = log Σ exp(l − m) − (l_label − m), and softmax = exp(l − m) / Σ exp(l − m)
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
             picked = logits.gather(1, safe_y[:, None])[:, 0]
-            loss += ((lse - picked) * valid).sum()
+            probs = logits.exp_()
+            total = probs.sum(dim=-1)
+            loss += ((total.log() - picked) * valid).sum()
             if need_dh or need_dw:
-                # d loss / d logits = softmax − one-hot, zero on ignored rows, computed in
-                # the logits' own buffer: the chunk holds one (chunk, vocab) float32 tensor
-                grad = logits.sub_(lse[:, None]).exp_()
+                # d loss / d logits = softmax − one-hot, zero on ignored rows, still in the
+                # same buffer: a chunk holds one (chunk, vocab) float32 tensor
+                grad = probs.div_(total[:, None])
                 grad[torch.arange(len(y), device=y.device), safe_y] -= 1.0
                 grad *= valid[:, None]
                 if need_dh:
@@ -63,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     d_weight.addmm_(grad.t(), h.float())
                 del grad
             # freed before the next chunk's logits exist, not when the name is rebound
-            del logits
+            del logits, probs
         if d_weight is not None:
             d_weight = d_weight.to(weight.dtype)  # accumulated in fp32, kept in the weight's dtype
         ctx.save_for_backward(d_hidden, d_weight)
