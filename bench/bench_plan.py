@@ -43,12 +43,13 @@ CONFIGS = {
 }
 
 
-def write_model(root: Path, dim: int, layers: int, vocab: int, seq: int) -> Path:
+def write_model(root: Path, dim: int, layers: int, vocab: int, seq: int, heads: int | None) -> Path:
     from model.formats import write_model_dir
     from model.llama import named_args, build_model
     from model.source import from_state_dict
 
-    args = named_args("tiny", dim=dim, n_layers=layers, n_heads=dim // 64, vocab_size=vocab, max_seq_len=seq)
+    args = named_args("tiny", dim=dim, n_layers=layers, n_heads=heads or dim // 64, vocab_size=vocab,
+                      max_seq_len=seq)
     model = build_model(args)
     return write_model_dir(from_state_dict(model.state_dict(), args), root / "base", progress=False)
 
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--heads", type=int, help="attention heads (default: dim / 64; LLaMA-7B: 32 of 128)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the real step runs (cuda: measured by torch.cuda.max_memory_allocated)")
     p.add_argument("--only", action="append", choices=list(CONFIGS), metavar="CONFIG",
@@ -92,7 +94,7 @@ def main() -> None:
     mib = 2**20
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = write_model(root, a.dim, a.layers, a.vocab, a.seq)
+        base = write_model(root, a.dim, a.layers, a.vocab, a.seq, a.heads)
         print(f"dim {a.dim}, {a.layers} layers, vocab {a.vocab:,}, micro-batch 4 × {a.seq}, fp32 unless "
               f"said, loss chunks of 512; {datetime.date.today()}, "
               f"{'a CUDA GPU' if a.device == 'cuda' else f'{os.cpu_count()} CPU cores'}\n")

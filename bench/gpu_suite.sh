@@ -54,10 +54,10 @@ else
     STAGE2=(--size llama-7b --n_layers 8 --vocab 49954 --batch 4 --seq 512 --steps 5)
     PACK=()
     FULL=()
-    PLAN=(--device cuda --dim 4096 --layers 2 --vocab 49954 --seq 512
+    PLAN=(--device cuda --dim 4096 --heads 32 --layers 2 --vocab 49954 --seq 512
           --only "stage 2 (LoRA + vocabulary), bf16" --only "stage 2 QLoRA, bf16" --only "full, checkpointed")
     # seconds per section, (a) to (e): 8 minutes in all
-    LIMITS=(150 70 50 130 80)
+    LIMITS=(140 70 45 120 105)
 fi
 
 FAILED=()
