@@ -55,6 +55,7 @@ from tokenizer.cli import ArgumentParser, command_errors, positive_int
 
 from .config import ConfigError, TrainConfig, dump, load_config, to_dict
 from .data_checks import check_length
+from .summary import loss_phrase
 from .plan_trace import CATEGORIES, CUDA_BLOCK, PHASES, StepShape, measure_step, planning_checkpoint, \
     trace_step
 
@@ -385,7 +386,7 @@ def describe(s: Setting, where: str) -> list[str]:
     """The lines above the table: the model, the step, the devices."""
     a, cfg, p = s.args, s.cfg, s.cfg.parallel
     heads = f"{a.n_heads} heads" + (f", {a.kv_heads} kv heads" if a.kv_heads != a.n_heads else "")
-    chunk = f"loss chunks of {p.loss_chunk_size:,} tokens" if p.loss_chunk_size else "whole-batch loss"
+    chunk = loss_phrase(p)
     extra = [f"model.quantize {cfg.model.quantize}"] if cfg.model.quantize != "none" else []
     extra += [f"optim {cfg.optim.name}"] + (["packed rows"] if s.shape.segments else [])
     extra += ["activation offload"] if p.activation_offload else []

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import ParallelConfig, TrainConfig
 from .distributed import DistInfo
 from .optim import warmup_steps
 
@@ -61,6 +61,11 @@ def optimizer_line(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> str:
             f"{warmup_steps(o):,} warmup steps, weight decay {o.weight_decay:g}, {clip}")
 
 
+def loss_phrase(p: ParallelConfig) -> str:
+    """How the output layer and loss run, as the summary and the memory plan both say it."""
+    return f"loss chunks of {p.loss_chunk_size:,} tokens" if p.loss_chunk_size else "whole-batch loss"
+
+
 def memory_line(cfg: TrainConfig, dist: DistInfo) -> str:
     """Precision and every memory lever the run uses."""
     p = cfg.parallel
@@ -69,7 +74,7 @@ def memory_line(cfg: TrainConfig, dist: DistInfo) -> str:
     if cfg.model.quantize != "none":
         parts.append(f"frozen base weights {cfg.model.quantize}")
     parts.append(f"activation checkpointing {ckpt}" + (", offloaded to the CPU" if p.activation_offload else ""))
-    parts.append(f"loss chunks of {p.loss_chunk_size:,} tokens" if p.loss_chunk_size else "whole-batch loss")
+    parts.append(loss_phrase(p))
     if p.compile:
         parts.append("compiled blocks")
     world = f"world size {dist.world_size}"
