@@ -1,5 +1,7 @@
 """Attention over packed documents: SDPA with a dense L×L mask vs flex attention with a
-BlockMask vs varlen (flash) attention, forward + backward, side by side in one run.
+BlockMask vs varlen (flash) attention, forward + backward, side by side in one run — first
+the attention alone, then a packed SFT step of the model through each
+(`model.packed_attention`).
 
     python bench/bench_pack.py                       # GPU: 7B heads (32 × 128), rows of 4,096
     python bench/bench_pack.py --smoke               # CPU, toy size: checks the paths agree
@@ -7,9 +9,12 @@ BlockMask vs varlen (flash) attention, forward + backward, side by side in one r
 Each row of `--seq` tokens holds documents whose lengths follow `--mean_doc` (exponential, as
 instruction samples roughly are); all three compute causal attention inside each document
 only. Prints time per forward+backward, peak memory, the ratios to the dense mask, and the
-largest difference of each output from the dense one. On a CPU, flex attention runs its
-reference implementation (forward only: torch has no CPU backward for it) and varlen is
-CUDA-only, so the smoke run times the dense path and checks agreement.
+largest difference of each output from the dense one. The model step is LLaMA-7B's width
+on `--layers` blocks with the vocabulary `--vocab`, LoRA r 8 on the seven projections and
+the embeddings and output trained (Chinese-Alpaca's SFT), in bf16, the loss in chunks:
+tokens/s of forward + backward and the loss's difference from the dense mask's. On a CPU,
+flex attention runs its reference implementation (forward only: torch has no CPU backward
+for it) and varlen is CUDA-only, so the smoke run times the dense path and checks agreement.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model.llama import flex, segment_block_mask, segment_positions_and_mask
+from model.llama import ModelArgs, flex, segment_block_mask, segment_positions_and_mask
 
 
 def document_lengths(seq: int, mean: int, gen: torch.Generator) -> list[int]:
@@ -65,29 +70,90 @@ def run_varlen(q, k, v, lengths):
     return out.view(b, s, h, d).transpose(1, 2)
 
 
-def measure(fn, inputs, steps: int, backward: bool, device: torch.device) -> tuple[float, int, torch.Tensor]:
-    """Median seconds of fn (forward, and backward of its sum), the peak memory, the output."""
-    def once():
-        q, k, v = (t.detach().requires_grad_(backward) for t in inputs[:3])
-        out = fn(q, k, v, inputs[3])
-        if backward:
-            out.float().sum().backward()
-        return out.detach()
-
-    with torch.set_grad_enabled(backward):
-        out = once()  # warm-up (and compilation)
+def timed(once, steps: int, device: torch.device) -> tuple[float, int, torch.Tensor]:
+    """Median seconds of `once()` over `steps` calls after a warm-up (and compilation), the
+    peak memory of those calls, and the warm-up's result."""
+    out = once()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        once()
         if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            once()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return statistics.median(times), peak, out
+
+
+def measure(fn, inputs, steps: int, backward: bool, device: torch.device) -> tuple[float, int, torch.Tensor]:
+    """`timed` attention fn (forward, and backward of its sum) on fresh leaves of q, k, v."""
+    def once():
+        q, k, v = (t.detach().requires_grad_(backward) for t in inputs[:3])
+        with torch.set_grad_enabled(backward):
+            out = fn(q, k, v, inputs[3])
+            if backward:
+                out.float().sum().backward()
+        return out.detach()
+
+    return timed(once, steps, device)
+
+
+def packed_sft_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The model of the step: built on the meta device, materialised on `device`."""
+    from model.llama import build_model
+    from model.lora import LoRAConfig, LoRALinear, apply_lora, mark_trainable
+
+    args = ModelArgs(dim=a.heads * a.head_dim, n_layers=a.layers, n_heads=a.heads,
+                     vocab_size=a.vocab, max_seq_len=a.seq)
+    model = build_model(args, init=False)
+    apply_lora(model, LoRAConfig(r=8, alpha=32, dropout=0.0))
+    mark_trainable(model, ("tok_embeddings", "output"))
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights()
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.reset_lora_parameters()
+    return model.to(dtype)
+
+
+def model_rows(a: argparse.Namespace, kinds: list[tuple[str, bool]], device: torch.device,
+               dtype: torch.dtype) -> None:
+    """The packed SFT step through each attention path: tokens/s, peak memory, loss Δ."""
+    model = packed_sft_model(a, device, dtype)
+    segments, _ = segments_for(a.batch, a.seq, a.mean_doc, device)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen).to(device)
+    labels = tokens.roll(-1, dims=1)
+    labels[segments != segments.roll(-1, dims=1)] = -100  # nothing predicted across a boundary
+
+    def step(kind: str, backward: bool) -> torch.Tensor:
+        model.packed_attention = kind
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(backward):
+            loss = model.loss(tokens, labels, segment_ids=segments, chunk_size=4096)
+            if backward:
+                loss.backward()
+        return loss.detach()
+
+    n = a.batch * a.seq
+    print(f"\npacked SFT step: dim {model.args.dim}, {a.layers} layers, vocab {a.vocab:,}, "
+          f"LoRA r 8 + embeddings/output, {dtype}")
+    print("| model.packed_attention | pass | tokens/s | peak memory (MB) | tokens/s ÷ dense | "
+          "memory ÷ dense | loss Δ vs dense |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    base = None
+    for kind, backward in kinds:
+        t, mem, loss = timed(lambda: step(kind, backward), a.steps, device)
+        if base is None:
+            base = (t, mem, loss)
+        ratio_mem = f"{mem / base[1]:.2f}×" if base[1] else "-"
+        rel = abs(float(loss) - float(base[2])) / abs(float(base[2]))
+        print(f"| {kind} | {'fwd+bwd' if backward else 'fwd'} | {n / t:,.0f} | {mem / 2**20:,.0f} | "
+              f"{base[0] / t:.2f}× | {ratio_mem} | {rel:.1e} (relative) |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--mean_doc", type=int, default=300, help="mean document length in tokens")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--layers", type=int, default=2, help="blocks of the packed SFT step's model")
+    p.add_argument("--vocab", type=int, default=49954, help="vocabulary of the packed SFT step's model")
+    p.add_argument("--no_model", action="store_true", help="the attention alone, not the model step")
     a = p.parse_args(argv)
     if a.smoke:
-        a.batch, a.seq, a.heads, a.head_dim, a.mean_doc, a.steps = 2, 256, 4, 16, 40, 2
+        a.batch, a.seq, a.heads, a.head_dim, a.mean_doc, a.steps, a.vocab = 2, 256, 4, 16, 40, 2, 512
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -126,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         ratio_mem = f"{mem / base_mem:.2f}×" if base_mem else "-"
         print(f"| {name} | {'fwd+bwd' if backward else 'fwd'} | {t * 1e3:.2f} | {mem / 2**20:,.0f} | "
               f"{t / base_time:.2f}× | {ratio_mem} | {diff:.2e} |")
+    if not a.no_model:
+        kinds = [("sdpa", True), ("flex", gpu)] + ([("varlen", True)] if gpu else [])
+        model_rows(a, kinds, device, dtype)
 
 
 if __name__ == "__main__":

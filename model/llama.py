@@ -30,6 +30,9 @@ from tokenizer.schema import Field, check_fields
 # The standard deviation of freshly initialised embeddings and projections (GPT-2's).
 INIT_STD = 0.02
 
+# How packed segments may attend (`Transformer.packed_attention`, `model.packed_attention`).
+PACKED_ATTENTION = ("auto", "flex", "varlen", "sdpa")
+
 # Keys of Meta's params.json that describe how Meta's own code ran the model, not the model.
 _RUNTIME_KEYS = frozenset({"max_batch_size"})
 
@@ -302,6 +305,54 @@ def segment_block_mask(segment_ids: torch.Tensor):
     return create_block_mask(inside_segment, bs, None, seqlen, seqlen, device=segment_ids.device)
 
 
+def resolve_packed_attention(kind: str, device_type: str) -> str:
+    """The path packed segments take on a device: `kind`, with "auto" resolved (flex on CUDA,
+    the dense mask, "sdpa", elsewhere: flex's CPU path builds the scores whole)."""
+    if kind not in PACKED_ATTENTION:
+        raise ValueError(f"packed_attention {kind!r} is not one of {', '.join(PACKED_ATTENTION)}")
+    if kind == "auto":
+        return "flex" if device_type == "cuda" else "sdpa"
+    return kind
+
+
+@dataclass(frozen=True)
+class VarlenSegments:
+    """Packed segments as varlen (flash) attention takes them: the rows flattened into one
+    sequence of tokens, segment s holding tokens cu_seqlens[s]..cu_seqlens[s+1]-1."""
+
+    cu_seqlens: torch.Tensor  # (n_segments + 1,) int32, from 0 to bs * seqlen
+    max_len: int  # the longest segment's length
+
+
+def segment_varlen(segment_ids: torch.Tensor) -> VarlenSegments:
+    """The segments of (bs, seqlen) ids as `VarlenSegments`: a segment starts where the id
+    changes and at the start of every row (equal ids in two rows are two segments)."""
+    bs, seqlen = segment_ids.shape
+    starts_here = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts_here[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = starts_here.flatten().nonzero().flatten()
+    total = torch.tensor([bs * seqlen], device=segment_ids.device)
+    cu = torch.cat((starts, total)).to(torch.int32)
+    return VarlenSegments(cu, int((cu[1:] - cu[:-1]).max()))  # one host sync per forward
+
+
+def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
+    """Causal attention inside each segment through torch's varlen flash kernel (CUDA, bf16
+    or fp16 only). q: (bs, n_heads, seqlen, head_dim); k, v: (bs, n_kv_heads, seqlen,
+    head_dim); returns q's shape. Only the segments' own tiles are computed."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    bs, n_heads, seqlen, head_dim = q.shape
+    if k.shape[1] != n_heads:  # GQA: each key/value head serves n_heads // n_kv_heads queries
+        k, v = (t.repeat_interleave(n_heads // t.shape[1], dim=1) for t in (k, v))
+    # (bs, heads, seqlen, head_dim) → (bs * seqlen, heads, head_dim); a view when the tensor
+    # was made (bs, seqlen, heads, head_dim) and transposed, as Attention makes it
+    flat = [t.transpose(1, 2).reshape(bs * seqlen, n_heads, head_dim) for t in (q, k, v)]
+    cu, longest = segments.cu_seqlens, segments.max_len
+    out = varlen_attn(*flat, cu, cu, longest, longest, window_size=(-1, 0))  # (-1, 0): causal
+    return out.view(bs, seqlen, n_heads, head_dim).transpose(1, 2)
+
+
 @functools.cache
 def _compiled_flex_attention():
     """flex_attention compiled once per process: uncompiled, it is a reference
@@ -397,6 +448,8 @@ class Attention(nn.Module):
         if isinstance(attn_mask, torch.Tensor) or attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                  enable_gqa=gqa)  # (bs, n_heads, seqlen, head_dim)
+        elif isinstance(attn_mask, VarlenSegments):  # packed documents, flattened
+            out = varlen(q, k, v, attn_mask)
         else:  # a flex attention BlockMask (packed documents)
             out = flex(q, k, v, attn_mask, gqa)
         out = out.transpose(1, 2)  # (bs, seqlen, n_heads, head_dim)
@@ -448,7 +501,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # how packed segments (segment_ids) attend: "auto", "flex" or "sdpa" (_segment_mask)
+        # how packed segments (segment_ids) attend: one of PACKED_ATTENTION (_segment_mask)
         self.packed_attention = "auto"
 
     @torch.no_grad()
@@ -538,13 +591,14 @@ class Transformer(nn.Module):
 
     def _segment_mask(self, segment_ids: torch.Tensor):
         """The attention mask of packed segments, by `packed_attention`: "flex", a BlockMask
-        (no L×L matrix); "sdpa", the dense boolean mask, SDPA's exact reference; "auto",
-        flex on CUDA and the dense mask elsewhere (flex's CPU path builds the scores whole)."""
-        kind = self.packed_attention
-        if kind == "auto":
-            kind = "flex" if segment_ids.device.type == "cuda" else "sdpa"
+        (no L×L matrix); "varlen", the segments' offsets for the varlen flash kernel (CUDA,
+        bf16/fp16); "sdpa", the dense boolean mask, SDPA's exact reference; "auto", as
+        `resolve_packed_attention` says."""
+        kind = resolve_packed_attention(self.packed_attention, segment_ids.device.type)
         if kind == "flex":
             return segment_block_mask(segment_ids)
+        if kind == "varlen":
+            return segment_varlen(segment_ids)
         return segment_positions_and_mask(segment_ids)[1]
 
     def _hidden(

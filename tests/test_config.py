@@ -131,3 +131,24 @@ def test_the_start_summary_names_every_memory_lever():
     assert memory_line(cfg, dist) == (
         "precision bf16, frozen base weights nf4, activation checkpointing selective (every 3), "
         "offloaded to the CPU, whole-batch loss, compiled blocks, world size 4 (2 replicas x 2 shards)")
+
+
+def test_the_start_summary_says_how_packed_documents_attend():
+    """Packed SFT rows and document-masked blocks: the summary names the attention path the
+    run takes on its device (model.packed_attention, "auto" resolved); plain rows say nothing."""
+    import torch
+
+    from train.distributed import DistInfo
+    from train.summary import documents_phrase
+
+    def phrase(device: str, *overrides: str) -> str:
+        cfg = load_config(None, ["--model.path=m", "--data.path=d", *overrides])
+        return documents_phrase(cfg, DistInfo(rank=0, world_size=1, local_rank=0,
+                                              device=torch.device(device), mesh=None))
+
+    assert phrase("cpu") == ""
+    assert phrase("cpu", "--data.pack=true") == "; attention inside each document (SDPA, dense mask)"
+    assert phrase("cuda", "--data.document_mask=true") == "; attention inside each document (flex attention, block mask)"
+    assert phrase("cuda", "--data.pack=true", "--model.packed_attention=varlen") == (
+        "; attention inside each document (varlen flash attention)")
+    assert phrase("cuda", "--data.pack=true", "--model.packed_attention=sdpa").endswith("(SDPA, dense mask)")

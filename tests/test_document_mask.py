@@ -1,8 +1,8 @@
 """Document-masked packing: a packed row equals each of its documents run alone — logits,
-losses and gradients — through the dense reference mask (SDPA) and through flex attention's
-block mask (the GPU path, run here by its reference implementation), with activation
-checkpointing too; pretraining blocks carry segment ids from the shards' document index,
-and packed SFT rows take the same path."""
+losses and gradients — through the dense reference mask (SDPA), through flex attention's
+block mask (the GPU path, run here by its reference implementation) and through the varlen
+path's layout, with activation checkpointing too; pretraining blocks carry segment ids from
+the shards' document index, and packed SFT rows take the same path."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from data.datasets import PackedBlocks, SFTDataset, TokenStream
-from model.llama import named_args
+from model.llama import named_args, segment_varlen
 from tests.conftest import random_model
-from tests.helpers import FAST, metrics, run, train_cmd
+from tests.helpers import FAST, metrics, one_error, run, train_cmd
 
 ARGS = named_args("tiny", vocab_size=300, n_kv_heads=2)  # GQA too
 LENGTHS = [5, 17, 1, 9, 32]  # one row of 64: the documents, and padding of its own
@@ -30,9 +30,58 @@ def packed_row(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Te
     return tokens, segments, docs
 
 
-@pytest.mark.parametrize("kind", ["sdpa", "flex"])
+def per_segment_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), **rest):
+    """What torch's varlen_attn computes, by its documented contract: q, k, v (total tokens,
+    heads, head_dim), segment s at cu_seq[s]..cu_seq[s+1]-1, window_size (-1, 0) causal. The
+    flash kernel behind it is CUDA-only, so on the CPU this stands in for it and the tests
+    check what is ours: the offsets, the flattening, GQA's heads and the output's layout (the
+    GPU suite's (c) compares the real kernel with the dense mask)."""
+    assert window_size == (-1, 0) and not rest
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    lengths = cu_seq_q[1:] - cu_seq_q[:-1]
+    assert max_q == max_k == int(lengths.max()) and int(cu_seq_q[-1]) == q.shape[0]
+    assert q.shape == k.shape == v.shape  # GQA's key/value heads already expanded
+    bounds = cu_seq_q.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True).transpose(0, 1)
+        for a, b in zip(bounds, bounds[1:])])
+
+
+@pytest.fixture
+def stand_in_varlen(monkeypatch):
+    import torch.nn.attention.varlen as varlen_module
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", per_segment_varlen_attn)
+
+
+def test_varlen_offsets_split_at_every_segment_and_row():
+    """Equal ids in two rows are two segments: the rows are flattened into one sequence."""
+    segments = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 2, 2, 2], [0, 0, 0, 0, 0]])
+    got = segment_varlen(segments)
+    assert got.cu_seqlens.tolist() == [0, 2, 5, 7, 10, 15] and got.max_len == 5
+    assert got.cu_seqlens.dtype == torch.int32
+
+
+def test_varlen_offsets_of_real_packed_rows(world):
+    """On packed SFT rows and document-masked pretraining blocks: the offsets are each row's
+    runs of equal ids, counted here by walking the rows."""
+    import itertools
+
+    sft = next(SFTDataset(world / "sft", pack=True, max_seq_length=320).batches(4))["segment_ids"]
+    blocks = next(PackedBlocks(world / "tokens", block_size=64, document_mask=True).batches(8))["segment_ids"]
+    for segments in (sft, blocks):
+        lengths = [len(list(run)) for row in segments.tolist() for _, run in itertools.groupby(row)]
+        assert len(lengths) > len(segments)  # some row holds more than one document
+        got = segment_varlen(segments)
+        assert got.cu_seqlens.tolist() == np.cumsum([0] + lengths).tolist()
+        assert got.max_len == max(lengths)
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "flex", "varlen"])
 @pytest.mark.parametrize("checkpointed", [False, True])
-def test_a_packed_row_equals_its_documents_alone(kind, checkpointed):
+def test_a_packed_row_equals_its_documents_alone(kind, checkpointed, request):
+    if kind == "varlen":
+        request.getfixturevalue("stand_in_varlen")
     model = random_model(ARGS)
     model.packed_attention = kind
     if checkpointed:
@@ -70,6 +119,9 @@ def test_flex_attention_never_builds_a_dense_mask():
     assert isinstance(model._segment_mask(segments), BlockMask)
     model.packed_attention = "auto"  # on the CPU: the dense reference
     assert isinstance(model._segment_mask(segments), torch.Tensor)
+    model.packed_attention = "dense"
+    with pytest.raises(ValueError, match="'dense' is not one of auto, flex, varlen, sdpa"):
+        model._segment_mask(segments)
 
 
 def test_blocks_carry_segments_from_the_document_index(world):
@@ -130,3 +182,29 @@ def test_packed_sft_rows_take_the_flex_path_alike(world):
         block = model(batch["tokens"], segment_ids=batch["segment_ids"])
     real = batch["labels"] != -100
     assert (dense - block)[real].abs().max() <= 1e-5
+
+
+def test_packed_sft_rows_take_the_varlen_path_alike(world, stand_in_varlen):
+    data = SFTDataset(world / "sft", pack=True, max_seq_length=320)
+    batch = next(data.batches(3))
+    model = random_model(named_args("tiny-gqa", vocab_size=json.loads((world / "sft" / "meta.json").read_text())["vocab_size"]))
+    with torch.no_grad():
+        model.packed_attention = "sdpa"
+        dense = model(batch["tokens"], segment_ids=batch["segment_ids"])
+        model.packed_attention = "varlen"
+        flat = model(batch["tokens"], segment_ids=batch["segment_ids"])
+    real = batch["labels"] != -100
+    assert (dense - flat)[real].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["fp32", "cpu"])
+def test_varlen_refused_where_flash_cannot_run(world, tmp_path, case):
+    """The varlen kernel is flash attention's: CUDA, in bf16 or fp16. A config that asks for
+    it elsewhere gets one error line naming the key, before anything is written."""
+    out = tmp_path / "out"
+    precision = "fp32" if case == "fp32" else "bf16"
+    line = one_error(run(train_cmd("sft", "sft.yaml", world, out, "--model.packed_attention=varlen",
+                                   f"--parallel.precision={precision}", "--data.pack=true"), ok=False))
+    assert line.startswith("error: model.packed_attention: varlen"), line
+    assert ("parallel.precision" in line) if case == "fp32" else ("CUDA" in line and "cpu" in line), line
+    assert not out.exists()

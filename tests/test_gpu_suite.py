@@ -24,5 +24,10 @@ def test_gpu_suite_smoke_runs_every_comparison():
     assert abs(ours - hf) < 1e-4
     assert "ours with --model.quantize=nf4" in r.stdout
     assert "| flex attention (BlockMask) | fwd |" in r.stdout
+    # the packed SFT step through the model: the dense mask, and flex (forward only on a CPU)
+    # to within float32 rounding of it
+    flex_delta = re.search(r"\| flex \| fwd \| [\d,]+ \| \d+ \| [\d.]+× \| - \| ([\d.e+-]+) \(relative\) \|",
+                           r.stdout)
+    assert "| sdpa | fwd+bwd |" in r.stdout and flex_delta and float(flex_delta.group(1)) < 1e-5
     assert "| stage 2, none |" in r.stdout  # the planner's row, planned and measured
     assert "# all 5 sections ran" in r.stdout

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from data.mixing import Source
+from model.llama import PACKED_ATTENTION
 from model.lora import LoRASettings
 
 
@@ -36,6 +37,10 @@ class ModelConfig:
     # QLoRA: the frozen base weights stored as NF4 (torchao), LoRA and modules_to_save in
     # higher precision; "none": as model.dtype says
     quantize: Literal["none", "nf4"] = "none"
+    # how packed SFT rows and document-masked blocks attend: auto (flex on CUDA, the dense
+    # mask elsewhere); flex (a BlockMask); varlen (torch's varlen flash kernel: CUDA with
+    # parallel.precision bf16 or fp16); sdpa (SDPA with the dense mask, the exact reference)
+    packed_attention: Literal[PACKED_ATTENTION] = "auto"  # type: ignore[valid-type]
 
 
 @dataclass
@@ -285,6 +290,9 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.new_rows_from: only for stage embeddings (stage is {cfg.stage!r})")
     if not cfg.model.path:
         raise ConfigError("model.path: required (a model directory)")
+    if cfg.model.packed_attention == "varlen" and p.precision == "fp32":
+        raise ConfigError("model.packed_attention: varlen (flash attention) needs parallel.precision "
+                          "bf16 or fp16, not fp32")
     check_data(cfg.data)
 
 

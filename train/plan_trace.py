@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
     is_traceable_wrapper_subclass_type
 from torch.utils.weak import WeakIdKeyDictionary
 
-from model.llama import ModelArgs
+from model.llama import ModelArgs, resolve_packed_attention
 from model.source import Checkpoint, expected_shapes
 from model.tensor_io import TensorSpec, parse_dtype
 
@@ -325,13 +325,15 @@ def trace_step(cfg: TrainConfig, args: ModelArgs, shape: StepShape,
     the whole step's gradients held (accumulated into, not made anew).
     torchao's AdamW8bit compiles its step (which fake tensors cannot go through): it is
     traced as a fused AdamW (no temporaries either) with its own state's bytes. Packed rows
-    on CUDA attend through flex attention, whose backward has no CPU kernel, fake or not:
-    they are traced as causal rows, which keep what its fused kernel keeps (the output
-    and the log-sum-exp); its block mask and the rows' positions take a few MB more.
+    on CUDA attend through flex attention (whose backward has no CPU kernel, fake or not)
+    or varlen flash attention (CUDA-only): they are traced as causal rows, which keep what
+    those fused kernels keep (the output and the log-sum-exp); the block mask or offsets
+    and the rows' positions take a few MB more. With model.packed_attention: sdpa they
+    keep the dense mask, as on the CPU.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if shape.segments and shape.target == "cuda":
+    if shape.segments and resolve_packed_attention(cfg.model.packed_attention, shape.target) in ("flex", "varlen"):
         shape = replace(shape, segments=False)  # see the docstring
     eight_bit = cfg.optim.name == "adamw8bit"
     if eight_bit:

@@ -38,7 +38,7 @@ from .data_checks import check_inputs_agree
 from .resume import (
     ResumePlan, base_fingerprint, check_data_outside_output, check_model_outside_output, plan_resume,
 )
-from .stages import check_quantize
+from .stages import check_packed_attention, check_quantize
 
 T = TypeVar("T")
 
@@ -97,6 +97,7 @@ class TrainingRun:
         self.plan: ResumePlan = plan_resume(cfg, self.fingerprint)  # refuses before any write
         self.cfg: TrainConfig = cfg
         self.dist = setup(cfg.parallel.backend, cfg.parallel.replicate)
+        check_packed_attention(cfg, self.dist.device)
         RunLock(Path(cfg.output_dir), self.dist).acquire()
 
     def _interrupt(self, signum: int, frame: Any) -> None:

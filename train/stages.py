@@ -94,6 +94,7 @@ def build_for_stage(cfg: TrainConfig, dist: DistInfo) -> Built:
     """Meta-device model → LoRA → trainable marks → shard → load weights."""
     origin = read_checkpoint(cfg.model.path, progress=False)
     check_quantize(cfg)
+    check_packed_attention(cfg, dist.device)
     if cfg.stage != "lora" and cfg.lora.init_from is not None:
         raise ConfigError(f"lora.init_from: only for stage lora (stage is {cfg.stage!r})")
     stage = STAGES[cfg.stage](cfg, origin)
@@ -108,6 +109,7 @@ def sharded_meta_model(cfg: TrainConfig, stage: Stage, mesh) -> nn.Module:
     model.dtype (NF4 with model.quantize), checkpointing, compile and FSDP2 over `mesh`
     (what `build_for_stage` loads, and what the memory planner traces)."""
     model = build_model(stage.base.args, init=False)
+    model.packed_attention = cfg.model.packed_attention
     if stage.lora is not None:
         apply_lora(model, stage.lora)
     if stage.trainable is not None:
@@ -119,6 +121,14 @@ def sharded_meta_model(cfg: TrainConfig, stage: Stage, mesh) -> nn.Module:
     if cfg.model.quantize == "nf4":
         quantize_for_ranks(model, cfg, mesh.size(-1))  # the shard group (HSDP: a node)
     return parallelize(model, cfg.parallel, mesh)
+
+
+def check_packed_attention(cfg: TrainConfig, device: torch.device) -> None:
+    """`model.packed_attention: varlen` is flash attention's kernel: CUDA only (bf16 or fp16,
+    which `train.config.check` holds to)."""
+    if cfg.model.packed_attention == "varlen" and device.type != "cuda":
+        raise ConfigError(f"model.packed_attention: varlen (flash attention) needs a CUDA device; this run "
+                          f"is on {device.type}: use auto or sdpa")
 
 
 def check_quantize(cfg: TrainConfig) -> None:

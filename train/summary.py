@@ -17,9 +17,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from model.llama import resolve_packed_attention
+
 from .config import ParallelConfig, TrainConfig
 from .distributed import DistInfo
 from .optim import warmup_steps
+
+
+# Each path of `model.packed_attention`, as the summary names it.
+PACKED_PATHS = {"flex": "flex attention, block mask", "varlen": "varlen flash attention",
+                "sdpa": "SDPA, dense mask"}
 
 
 class Sized(Protocol):
@@ -66,6 +73,14 @@ def loss_phrase(p: ParallelConfig) -> str:
     return f"loss chunks of {p.loss_chunk_size:,} tokens" if p.loss_chunk_size else "whole-batch loss"
 
 
+def documents_phrase(cfg: TrainConfig, dist: DistInfo) -> str:
+    """How packed SFT samples or document-masked blocks attend, where the data is so."""
+    if not (cfg.data.pack or cfg.data.document_mask):
+        return ""
+    kind = resolve_packed_attention(cfg.model.packed_attention, dist.device.type)
+    return f"; attention inside each document ({PACKED_PATHS[kind]})"
+
+
 def memory_line(cfg: TrainConfig, dist: DistInfo) -> str:
     """Precision and every memory lever the run uses."""
     p = cfg.parallel
@@ -94,7 +109,7 @@ def start_block(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optim
     lines = [
         f"stage {cfg.stage}: {total:,} parameters, {trainable:,} trainable "
         f"({100 * trainable / max(total, 1):.2f}%)",
-        f"data: {data.num_tokens():,} tokens, {per_epoch:,} rows per epoch",
+        f"data: {data.num_tokens():,} tokens, {per_epoch:,} rows per epoch" + documents_phrase(cfg, dist),
         f"batch: {o.micro_batch_size} rows x {o.grad_accum} accumulation x {dist.world_size} "
         f"rank(s) = {rows:,} rows per step",
         f"steps: {o.max_steps:,}" + (f" (optim.epochs {o.epochs:g})" if o.epochs is not None else "")
