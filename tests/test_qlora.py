@@ -1,6 +1,6 @@
 """QLoRA (model.quantize: nf4): NF4 projections against torchao's own dequantized weights and
 QLoRA's published levels, their bytes against bf16's, and real stage-2 runs — tracking the
-fp32 run, 2 ranks equal to 1, resumed, merged onto the unquantized base — and refusals."""
+fp32 and the bf16 run, 2 ranks equal to 1, resumed, merged onto the unquantized base — and refusals."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ NF4_LEVELS = torch.tensor([
 STEPS = ["--optim.max_steps=3", "--data.val_fraction=0", "--data.block_size=32",
          "--optim.grad_accum=2", "--optim.warmup_steps=0", "--checkpoint.every=2"]
 NF4 = "--model.quantize=nf4"
+BF16 = ["--parallel.precision=bf16", "--model.dtype=bfloat16"]
 
 
 def lora_layer(dtype: torch.dtype, out_features: int = 192, in_features: int = 128) -> LoRALinear:
@@ -125,10 +126,13 @@ def test_unfit_weights_and_merging_into_nf4_are_refused():
 
 @pytest.fixture(scope="module")
 def runs(world, tmp_path_factory):
-    """fp32 and NF4 stage-2 runs of 3 steps on the toy world (checkpoints at steps 2 and 3)."""
+    """fp32 and NF4 stage-2 runs of 3 steps on the toy world (checkpoints at steps 2 and 3),
+    and the two again in bf16 (frozen weights and compute), as a GPU user runs them."""
     root = tmp_path_factory.mktemp("qlora")
     run(train_cmd("pretrain", "stage2.yaml", world, root / "fp32", *STEPS))
     run(train_cmd("pretrain", "stage2.yaml", world, root / "nf4", *STEPS, NF4))
+    for name, extra in (("bf16", ()), ("nf4-bf16", (NF4,))):
+        run(train_cmd("pretrain", "stage2.yaml", world, root / name, *STEPS, *BF16, *extra))
     return root
 
 
@@ -142,6 +146,14 @@ def test_nf4_run_tracks_fp32_and_saves_only_what_trains(runs):
     keys = [set(FileSystemReader(str(runs / d / "step-3")).read_metadata().state_dict_metadata)
             for d in ("fp32", "nf4")]
     assert keys[0] == keys[1] and not any(k.endswith((".wq.weight", ".w1.weight")) for k in keys[1])
+
+
+def test_nf4_run_tracks_the_bf16_run(runs):
+    """In bf16, as QLoRA is run on GPUs: the NF4 run's losses track the bf16 run's."""
+    bf16, nf4 = losses(runs / "bf16"), losses(runs / "nf4-bf16")
+    assert len(nf4) == len(bf16) == 3 and nf4[0] != bf16[0]
+    assert abs(nf4[0] - bf16[0]) <= 1e-2 * bf16[0]
+    assert all(abs(a - b) <= 0.03 * b for a, b in zip(nf4, bf16)), (nf4, bf16)
 
 
 def test_nf4_adapter_merges_onto_the_unquantized_base(world, runs, tmp_path):
