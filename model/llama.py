@@ -350,7 +350,7 @@ def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: VarlenSe
     flat = [t.transpose(1, 2).reshape(bs * seqlen, n_heads, head_dim) for t in (q, k, v)]
     cu, longest = segments.cu_seqlens, segments.max_len
     out = varlen_attn(*flat, cu, cu, longest, longest, window_size=(-1, 0))  # (-1, 0): causal
-    return out.view(bs, seqlen, n_heads, head_dim).transpose(1, 2)
+    return out.reshape(bs, seqlen, n_heads, head_dim).transpose(1, 2)
 
 
 @functools.cache
