@@ -20,12 +20,11 @@ for it) and varlen is CUDA-only, so the smoke run times the dense path and check
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from memory import timed  # bench/memory.py, beside this script
 from model.llama import ModelArgs, flex, segment_block_mask, segment_positions_and_mask
 
 
@@ -68,24 +67,6 @@ def run_varlen(q, k, v, lengths):
     longest = max(n for row in lengths for n in row)
     out = varlen_attn(*flat, cu, cu, longest, longest, window_size=(-1, 0))
     return out.view(b, s, h, d).transpose(1, 2)
-
-
-def timed(once, steps: int, device: torch.device) -> tuple[float, int, torch.Tensor]:
-    """Median seconds of `once()` over `steps` calls after a warm-up (and compilation), the
-    peak memory of those calls, and the warm-up's result."""
-    out = once()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        once()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return statistics.median(times), peak, out
 
 
 def measure(fn, inputs, steps: int, backward: bool, device: torch.device) -> tuple[float, int, torch.Tensor]:

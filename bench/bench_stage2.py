@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from memory import timed  # bench/memory.py, beside this script
 
 TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
@@ -42,22 +42,6 @@ def random_state(args, seed: int) -> dict[str, torch.Tensor]:
     model.to_empty(device="cpu")
     model.init_weights()
     return {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-
-
-def timed(step, steps: int, device: torch.device) -> tuple[float, int]:
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return statistics.median(times), peak
 
 
 def run_ours(a, args, state, tokens, labels) -> dict:
@@ -92,7 +76,7 @@ def run_ours(a, args, state, tokens, labels) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t, peak = timed(step, a.steps, dist.device)
+    t, peak, _ = timed(step, a.steps, dist.device)
     return {"step_s": t, "peak_bytes": peak, "first_loss": losses[0],
             "flops_per_token": flops_per_token(built.model, a.seq)}
 
@@ -140,7 +124,7 @@ def run_hf(a, args, state, tokens, labels) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t, peak = timed(step, a.steps, device)
+    t, peak, _ = timed(step, a.steps, device)
     return {"step_s": t, "peak_bytes": peak, "first_loss": losses[0]}
 
 

@@ -1,8 +1,14 @@
-"""Resident-memory readings for benchmarks (Linux /proc)."""
+"""Resident-memory readings for benchmarks (Linux /proc), and timing a step with its CUDA
+peak."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
+from typing import Any, Callable
+
+import torch
 
 
 def _status(field: str) -> int:
@@ -25,3 +31,21 @@ def peak_rss_bytes() -> int:
 def reset_peak() -> None:
     """Start measuring the peak from now (writing 5 to clear_refs resets VmHWM)."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def timed(once: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, int, Any]:
+    """Median seconds of `once()` over `steps` calls after a warm-up (and compilation), the
+    CUDA peak memory of those calls (0 elsewhere), and the warm-up's result."""
+    out = once()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        once()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return statistics.median(times), peak, out

@@ -287,9 +287,14 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions restarting at 0 where each segment (a run of equal ids) starts, (bs, seqlen)."""
     bs, seqlen = segment_ids.shape
     idx = torch.arange(seqlen, device=segment_ids.device).expand(bs, seqlen)
+    return idx - torch.where(segment_starts(segment_ids), idx, 0).cummax(dim=1).values
+
+
+def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(bs, seqlen) True where a segment starts: where the id changes, and at every row's start."""
     starts_here = torch.ones_like(segment_ids, dtype=torch.bool)
     starts_here[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return idx - torch.where(starts_here, idx, 0).cummax(dim=1).values
+    return starts_here
 
 
 def segment_block_mask(segment_ids: torch.Tensor):
@@ -328,9 +333,7 @@ def segment_varlen(segment_ids: torch.Tensor) -> VarlenSegments:
     """The segments of (bs, seqlen) ids as `VarlenSegments`: a segment starts where the id
     changes and at the start of every row (equal ids in two rows are two segments)."""
     bs, seqlen = segment_ids.shape
-    starts_here = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts_here[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    starts = starts_here.flatten().nonzero().flatten()
+    starts = segment_starts(segment_ids).flatten().nonzero().flatten()
     total = torch.tensor([bs * seqlen], device=segment_ids.device)
     cu = torch.cat((starts, total)).to(torch.int32)
     return VarlenSegments(cu, int((cu[1:] - cu[:-1]).max()))  # one host sync per forward

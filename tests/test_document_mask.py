@@ -171,30 +171,20 @@ def test_pretraining_with_document_mask_takes_each_document_alone(world, tmp_pat
     assert first == pytest.approx(total / count, rel=1e-5)
 
 
-def test_packed_sft_rows_take_the_flex_path_alike(world):
+@pytest.mark.parametrize("kind, size, rows", [("flex", "tiny", 2), ("varlen", "tiny-gqa", 3)])
+def test_packed_sft_rows_take_each_path_alike(world, request, kind, size, rows):
+    if kind == "varlen":
+        request.getfixturevalue("stand_in_varlen")
     data = SFTDataset(world / "sft", pack=True, max_seq_length=320)
-    batch = next(data.batches(2))
-    model = random_model(named_args("tiny", vocab_size=json.loads((world / "sft" / "meta.json").read_text())["vocab_size"]))
+    batch = next(data.batches(rows))
+    model = random_model(named_args(size, vocab_size=json.loads((world / "sft" / "meta.json").read_text())["vocab_size"]))
     with torch.no_grad():
         model.packed_attention = "sdpa"
         dense = model(batch["tokens"], segment_ids=batch["segment_ids"])
-        model.packed_attention = "flex"
-        block = model(batch["tokens"], segment_ids=batch["segment_ids"])
+        model.packed_attention = kind
+        other = model(batch["tokens"], segment_ids=batch["segment_ids"])
     real = batch["labels"] != -100
-    assert (dense - block)[real].abs().max() <= 1e-5
-
-
-def test_packed_sft_rows_take_the_varlen_path_alike(world, stand_in_varlen):
-    data = SFTDataset(world / "sft", pack=True, max_seq_length=320)
-    batch = next(data.batches(3))
-    model = random_model(named_args("tiny-gqa", vocab_size=json.loads((world / "sft" / "meta.json").read_text())["vocab_size"]))
-    with torch.no_grad():
-        model.packed_attention = "sdpa"
-        dense = model(batch["tokens"], segment_ids=batch["segment_ids"])
-        model.packed_attention = "varlen"
-        flat = model(batch["tokens"], segment_ids=batch["segment_ids"])
-    real = batch["labels"] != -100
-    assert (dense - flat)[real].abs().max() <= 1e-5
+    assert (dense - other)[real].abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["fp32", "cpu"])
